@@ -1,0 +1,148 @@
+"""2-D convolution, NHWC activations and HWIO kernels, XLA "SAME" padding, no bias.
+
+Two forms of the same maths:
+
+* ``conv2d_loop`` / ``conv2d_loop_backward``: one output pixel at a time, the
+  definition written out. Slow; for reading and for testing the fast form.
+* ``Conv``: im2col + one matrix multiply (GEMM). Every output pixel's receptive field
+  ``[kh, kw, C]`` is copied into a row of ``cols``; then ``y = cols @ kernel`` with the
+  kernel flattened to ``[kh*kw*C, out]``. Backward is two more GEMMs,
+  ``dkernel = cols^T @ dy`` and ``dcols = dy @ kernel^T``, and col2im scatters
+  ``dcols`` back onto the input pixels (the adjoint of the im2col copy).
+
+Padding mirrors XLA's ``SAME`` (what ``flax.nn.Conv(padding='SAME')`` asks for):
+``out = ceil(in / s)``, ``total = max((out - 1) * s + k - in, 0)``, ``low = total // 2``,
+``high = total - low``. A stride-2 3x3 conv on an even input therefore pads 0 before
+and 1 after, not 1 and 1.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..backend import DTYPE, get_xp
+from .layer import Layer
+
+
+def same_padding(size: int, k: int, s: int):
+    """(pad_low, pad_high, out_size) of XLA SAME padding along one spatial axis."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2, out
+
+
+def _pad_same(x, kh, kw, s):
+    n, h, w, c = x.shape
+    top, bottom, oh = same_padding(h, kh, s)
+    left, right, ow = same_padding(w, kw, s)
+    if top or bottom or left or right:
+        x = get_xp(x).pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    return x, (top, bottom, left, right), oh, ow
+
+
+def _check(x, kernel):
+    if x.ndim != 4:
+        raise ValueError(f"conv expects NHWC input of rank 4, got shape {tuple(x.shape)}")
+    if kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
+        raise ValueError(f"conv kernel must be HWIO [kh, kw, {x.shape[3]}, out] for input "
+                         f"with {x.shape[3]} channels, got {tuple(kernel.shape)}")
+
+
+def conv2d_loop(x, kernel, stride=1):
+    """Reference convolution by its definition: y[n,i,j,o] = sum_{a,b,c} xpad[n,i*s+a,j*s+b,c] k[a,b,c,o]."""
+    _check(x, kernel)
+    xp = get_xp(x)
+    kh, kw, _, cout = kernel.shape
+    xpad, _, oh, ow = _pad_same(x, kh, kw, stride)
+    y = xp.zeros((x.shape[0], oh, ow, cout), dtype=x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            patch = xpad[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+            y[:, i, j, :] = xp.tensordot(patch, kernel, axes=3)
+    return y
+
+
+def conv2d_loop_backward(x, kernel, dy, stride=1):
+    """(dx, dkernel) of ``conv2d_loop`` by the chain rule, one output pixel at a time."""
+    xp = get_xp(x)
+    kh, kw, _, _ = kernel.shape
+    xpad, (top, _, left, _), oh, ow = _pad_same(x, kh, kw, stride)
+    dxpad = xp.zeros_like(xpad)
+    dk = xp.zeros_like(kernel)
+    for i in range(oh):
+        for j in range(ow):
+            rows, cols = slice(i * stride, i * stride + kh), slice(j * stride, j * stride + kw)
+            g = dy[:, i, j, :]                                    # [N, out]
+            dk += xp.tensordot(xpad[:, rows, cols, :], g, axes=([0], [0]))
+            dxpad[:, rows, cols, :] += xp.tensordot(g, kernel, axes=([1], [3]))
+    h, w = x.shape[1:3]
+    return dxpad[:, top:top + h, left:left + w, :], dk
+
+
+def im2col(xpad, kh, kw, stride, oh, ow):
+    """Copy each receptive field into a row: [N, oh, ow, kh, kw, C] (reshape to 2-D is free)."""
+    xp = get_xp(xpad)
+    n, _, _, c = xpad.shape
+    cols = xp.empty((n, oh, ow, kh, kw, c), dtype=xpad.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            cols[:, :, :, a, b, :] = xpad[:, a:a + stride * oh:stride, b:b + stride * ow:stride, :]
+    return cols
+
+
+def col2im(cols, padded_shape, stride):
+    """Adjoint of im2col: add every row back onto the pixels it was copied from."""
+    xp = get_xp(cols)
+    n, oh, ow, kh, kw, c = cols.shape
+    dxpad = xp.zeros(padded_shape, dtype=cols.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            dxpad[:, a:a + stride * oh:stride, b:b + stride * ow:stride, :] += cols[:, :, :, a, b, :]
+    return dxpad
+
+
+def variance_scaling_fan_out(rng, shape, scale=2.0):
+    """He init as in sam_jax/models/utils.py `conv_kernel_init_fn`:
+    ``jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')``, a normal truncated
+    at two standard deviations, rescaled (/0.8796) so the variance is scale / fan_out."""
+    kh, kw, _, cout = shape
+    std = math.sqrt(scale / (kh * kw * cout)) / 0.87962566103423978
+    z = rng.standard_normal(shape)
+    while (bad := np.abs(z) > 2).any():   # resample the tails: truncated normal
+        z[bad] = rng.standard_normal(int(bad.sum()))
+    return (z * std).astype(DTYPE)
+
+
+class Conv(Layer):
+    """``flax.nn.Conv(features, (k, k), strides, padding='SAME', bias=False)`` by im2col + GEMM."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, rng=None):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.stride = stride
+        self.params["kernel"] = variance_scaling_fan_out(
+            rng, (kernel_size, kernel_size, in_channels, out_channels))
+
+    def forward(self, x, train=True):
+        k = self.params["kernel"]
+        _check(x, k)
+        kh, kw, cin, cout = k.shape
+        xpad, self.pads, oh, ow = _pad_same(x, kh, kw, self.stride)
+        self.x_shape, self.xpad_shape = x.shape, xpad.shape
+        self.cols = im2col(xpad, kh, kw, self.stride, oh, ow).reshape(-1, kh * kw * cin)
+        y = self.cols @ k.reshape(-1, cout)
+        return y.reshape(x.shape[0], oh, ow, cout)
+
+    def backward(self, dy):
+        k = self.params["kernel"]
+        kh, kw, cin, cout = k.shape
+        n, oh, ow, _ = dy.shape
+        dy2 = dy.reshape(-1, cout)
+        self.grads["kernel"] = (self.cols.T @ dy2).reshape(k.shape)
+        dcols = (dy2 @ k.reshape(-1, cout).T).reshape(n, oh, ow, kh, kw, cin)
+        self.cols = None  # free the cache once used
+        dxpad = col2im(dcols, self.xpad_shape, self.stride)
+        top, _, left, _ = self.pads
+        h, w = self.x_shape[1:3]
+        return dxpad[:, top:top + h, left:left + w, :]

@@ -1,0 +1,84 @@
+"""The whole WideResnet: gradient check, parameter names and counts, bad input."""
+import numpy as np
+import pytest
+
+from minisam.models import PRESETS, WideResnet, parse_wrn_name, wide_resnet
+from minisam.nn import one_hot, softmax_cross_entropy
+from tests.gradcheck import directional_check
+
+
+def test_small_wrn_gradient_check_float64():
+    rng = np.random.default_rng(0)
+    model = WideResnet(1, 1, num_outputs=3, in_channels=2, seed=1)
+    params = {k: v.astype(np.float64) + 0.1 * rng.standard_normal(v.shape)
+              for k, v in model.get_params().items()}
+    state = {k: v.astype(np.float64) for k, v in model.get_state().items()}
+    x = rng.standard_normal((3, 8, 8, 2))
+    y = one_hot(np.array([0, 1, 2]), 3, "float64")
+
+    def forward(inp):
+        model.set_state(state)
+        model.set_params({k: inp[k] for k in params})
+        logits = model.forward(inp["x"], train=True)
+        return np.asarray(softmax_cross_entropy(logits, y)[0])
+
+    def grads(inp, dy):
+        model.set_state(state)
+        model.set_params({k: inp[k] for k in params})
+        logits = model.forward(inp["x"], train=True)
+        _, dlogits = softmax_cross_entropy(logits, y)
+        dx = model.backward(dlogits * dy)
+        return dict(model.get_grads(), x=dx)
+
+    directional_check(forward, grads, dict(params, x=x), rng, rtol=1e-5)
+
+
+def test_wrn28_10_parameter_count():
+    assert wide_resnet("wrn28_10", num_outputs=100).num_params() == 36_278_324
+
+
+def test_flax_parameter_names():
+    names = set(WideResnet(1, 2, 10).get_params())
+    assert "init_conv/kernel" in names and "Dense_3/kernel" in names
+    assert "WideResnetGroup_2/WideResnetBlock_0/bn_2/scale" in names
+    assert "pre-pool-bn/bias" in names
+    assert set(WideResnet(1, 2, 10).get_state()) >= {"pre-pool-bn/mean", "pre-pool-bn/var"}
+
+
+def test_initialisers_follow_jax():
+    model = WideResnet(2, 4, 10, seed=3)
+    k = model.get_params()["WideResnetGroup_1/WideResnetBlock_1/conv2/kernel"]  # 3x3x128x128
+    assert np.abs(k).max() <= 2 * np.sqrt(2 / (9 * 128)) / 0.87962566103423978 + 1e-7
+    np.testing.assert_allclose(k.std(), np.sqrt(2 / (9 * 128)), rtol=0.02)
+    d = model.get_params()["Dense_3/kernel"]
+    assert np.abs(d).max() <= 1 / np.sqrt(10) and d.std() > 0.25 / np.sqrt(10)
+    assert not model.get_params()["Dense_3/bias"].any()
+
+
+def test_presets_and_names():
+    assert parse_wrn_name("WRN-28-10") == (4, 10) == PRESETS["wrn28_10"]
+    assert parse_wrn_name("wrn16_8") == (2, 8)
+    assert parse_wrn_name("wrn10x2") == (1, 2)
+    for bad in ("resnet50", "wrn17_4", "wrn28"):
+        with pytest.raises(ValueError, match="unknown model"):
+            parse_wrn_name(bad)
+
+
+def test_bad_input_raises_clear_errors():
+    model = WideResnet(1, 1, 10)
+    with pytest.raises(ValueError, match=r"NHWC.*\[N, H, W, 3\]"):
+        model.forward(np.zeros((2, 32, 32), np.float32))
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
+        model.forward(np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        model.forward(np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model.forward(np.zeros((2, 30, 30, 3), np.float32))
+    with pytest.raises(ValueError, match="positive integer"):
+        WideResnet(0, 1, 10)
+    with pytest.raises(ValueError, match="missing"):
+        model.set_params({"init_conv/kernel": np.zeros((3, 3, 3, 16), np.float32)})
+    params = model.get_params()
+    params["init_conv/kernel"] = np.zeros((3, 3, 3, 8), np.float32)
+    with pytest.raises(ValueError, match=r"expected shape \(3, 3, 3, 16\)"):
+        model.set_params(params)
