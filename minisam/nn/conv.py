@@ -18,6 +18,7 @@ and 1 after, not 1 and 1.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -80,11 +81,11 @@ def conv2d_loop_backward(x, kernel, dy, stride=1):
     return dxpad[:, top:top + h, left:left + w, :], dk
 
 
-def im2col(xpad, kh, kw, stride, oh, ow):
+def im2col(xpad, kh, kw, stride, oh, ow, out=None):
     """Copy each receptive field into a row: [N, oh, ow, kh, kw, C] (reshape to 2-D is free)."""
     xp = get_xp(xpad)
     n, _, _, c = xpad.shape
-    cols = xp.empty((n, oh, ow, kh, kw, c), dtype=xpad.dtype)
+    cols = xp.empty((n, oh, ow, kh, kw, c), dtype=xpad.dtype) if out is None else out
     for a in range(kh):
         for b in range(kw):
             cols[:, :, :, a, b, :] = xpad[:, a:a + stride * oh:stride, b:b + stride * ow:stride, :]
@@ -114,6 +115,26 @@ def variance_scaling_fan_out(rng, shape, scale=2.0):
     return (z * std).astype(DTYPE)
 
 
+_workspaces = {}
+
+
+def _buffer(owner: dict, key, shape, like):
+    """A reusable array of `shape` (kept in `owner[key]`): big arrays allocated anew every
+    step cost page faults that can take longer than the matrix multiply that fills them."""
+    xp = get_xp(like)
+    buf = owner.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or get_xp(buf) is not xp:
+        buf = owner[key] = xp.empty(shape, like.dtype)
+    return buf
+
+
+def _workspace(shape, like):
+    """A scratch buffer shared by all Conv layers of this thread (used and released within
+    one call, so layers can share it; threads cannot)."""
+    return _buffer(_workspaces, (threading.get_ident(), shape, str(like.dtype),
+                                 get_xp(like).__name__), shape, like)
+
+
 class Conv(Layer):
     """``flax.nn.Conv(features, (k, k), strides, padding='SAME', bias=False)`` by im2col + GEMM."""
 
@@ -121,6 +142,7 @@ class Conv(Layer):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
         self.stride = stride
+        self._buffers = {}
         self.params["kernel"] = variance_scaling_fan_out(
             rng, (kernel_size, kernel_size, in_channels, out_channels))
 
@@ -130,7 +152,8 @@ class Conv(Layer):
         kh, kw, cin, cout = k.shape
         xpad, self.pads, oh, ow = _pad_same(x, kh, kw, self.stride)
         self.x_shape, self.xpad_shape = x.shape, xpad.shape
-        self.cols = im2col(xpad, kh, kw, self.stride, oh, ow).reshape(-1, kh * kw * cin)
+        cols = _buffer(self._buffers, "cols", (x.shape[0], oh, ow, kh, kw, cin), x)
+        self.cols = im2col(xpad, kh, kw, self.stride, oh, ow, cols).reshape(-1, kh * kw * cin)
         y = self.cols @ k.reshape(-1, cout)
         return y.reshape(x.shape[0], oh, ow, cout)
 
@@ -140,7 +163,9 @@ class Conv(Layer):
         n, oh, ow, _ = dy.shape
         dy2 = dy.reshape(-1, cout)
         self.grads["kernel"] = (self.cols.T @ dy2).reshape(k.shape)
-        dcols = (dy2 @ k.reshape(-1, cout).T).reshape(n, oh, ow, kh, kw, cin)
+        dcols = _workspace((n * oh * ow, kh * kw * cin), dy)
+        get_xp(dy).matmul(dy2, k.reshape(-1, cout).T, out=dcols)
+        dcols = dcols.reshape(n, oh, ow, kh, kw, cin)
         self.cols = None  # free the cache once used
         dxpad = col2im(dcols, self.xpad_shape, self.stride)
         top, _, left, _ = self.pads

@@ -1,0 +1,154 @@
+"""``minisam bench``: time one SGD step and one SAM step of a WideResnet preset.
+
+Method (the same as benchmarks/peers/*): a fixed synthetic batch already on the device,
+``warmup`` untimed steps, then ``steps`` timed steps, each synchronised with the device
+before the clock stops; we report the median. SGD is ``train_step`` with rho = 0 (one
+forward and backward), SAM the same function with rho > 0 (two of each), so their ratio
+shows the price of sharpness-awareness (ideally about 2). Peak memory is the CuPy memory
+pool's high-water mark on a GPU and the process's peak RSS on a CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import __version__
+from .backend import gpu_available, to_device, xp_for
+from .models import wide_resnet
+from .optim import nesterov_init
+from .sam import SAMConfig, train_step
+
+
+def device_name(device: str) -> str:
+    """A human-readable device name: the GPU's, or the CPU model and core count."""
+    if device == "gpu":
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def _sync(device):
+    if device == "gpu":
+        import cupy
+        cupy.cuda.Device().synchronize()
+
+
+def _time_steps(run, device, warmup, steps):
+    for _ in range(warmup):
+        run()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(model="wrn16_4", batch_size=32, device="cpu", warmup=2, steps=10, num_classes=10,
+          rho=0.05, seed=0) -> dict:
+    """Time SGD and SAM steps; return a dict in the schema shared with benchmarks/peers."""
+    if batch_size < 1 or steps < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, "
+                         f"{steps}, {warmup}")
+    xp = xp_for(device)
+    net = wide_resnet(model, num_outputs=num_classes, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = to_device(rng.standard_normal((batch_size, 32, 32, 3)).astype(np.float32), device)
+    y = to_device(rng.integers(0, num_classes, batch_size).astype(np.int32), device)
+    params = {k: to_device(v, device) for k, v in net.get_params().items()}
+    state = {k: to_device(v, device) for k, v in net.get_state().items()}
+    net.set_params(params)
+    net.set_state(state)
+    momentum = nesterov_init(params)
+    if device == "gpu":
+        xp.get_default_memory_pool().free_all_blocks()
+    peak = {"bytes": 0}
+
+    def runner(cfg):
+        def run():
+            # the step's outputs are discarded: every timed step starts from the same weights
+            train_step(net, params, state, momentum, x, y, 0.1, cfg)
+            if device == "gpu":
+                peak["bytes"] = max(peak["bytes"], xp.get_default_memory_pool().total_bytes())
+        return run
+
+    sgd = _time_steps(runner(SAMConfig(rho=0.0, gradient_clipping=0.0)), device, warmup, steps)
+    sam = _time_steps(runner(SAMConfig(rho=rho, gradient_clipping=0.0)), device, warmup, steps)
+    if device == "gpu":
+        peak_mb = peak["bytes"] / 2**20
+    else:  # ru_maxrss is in KiB on Linux: the process-wide high-water mark
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    versions = {"minisam": __version__, "numpy": np.__version__, "python": sys.version.split()[0]}
+    if device == "gpu":
+        import cupy
+        versions["cupy"] = cupy.__version__
+    return {"framework": "minisam", "device": device_name(device), "device_kind": device,
+            "model": model, "batch_size": batch_size,
+            "sgd_ms": sgd * 1e3, "sam_ms": sam * 1e3,
+            "sgd_images_per_s": batch_size / sgd, "sam_images_per_s": batch_size / sam,
+            "sam_sgd_ratio": sam / sgd, "peak_memory_mb": peak_mb,
+            "peak_memory_kind": "cupy pool" if device == "gpu" else "process peak RSS",
+            "warmup": warmup, "steps": steps, "dtype": "float32", "versions": versions,
+            "error": None}
+
+
+def format_result(r: dict) -> str:
+    return (f"{r['model']} batch {r['batch_size']} on {r['device']}\n"
+            f"  SGD step {r['sgd_ms']:9.1f} ms  {r['sgd_images_per_s']:9.1f} images/s\n"
+            f"  SAM step {r['sam_ms']:9.1f} ms  {r['sam_images_per_s']:9.1f} images/s\n"
+            f"  SAM/SGD  {r['sam_sgd_ratio']:9.2f}\n"
+            f"  peak memory {r['peak_memory_mb']:.0f} MiB ({r['peak_memory_kind']})")
+
+
+def add_parser(sub):
+    b = sub.add_parser(
+        "bench", help="time an SGD step and a SAM step (images/s, ms, SAM/SGD, memory)",
+        description="Time one SGD step (rho = 0) and one SAM step of a WideResnet on a fixed "
+                    "synthetic CIFAR-shaped batch: warm-up steps, then the median of timed, "
+                    "device-synchronised steps. Prints images/s, ms per step, the SAM/SGD "
+                    "ratio and peak memory, and optionally writes JSON.")
+    b.add_argument("--model", default="wrn16_4",
+                   help="WideResnet preset: wrn16_4, wrn16_8, wrn28_10 or wrn<6n+4>_<k> "
+                        "(default wrn16_4)")
+    b.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    b.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu (NumPy) or gpu (CuPy); default cpu")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    b.add_argument("--steps", type=int, default=10,
+                   help="timed steps; the median is reported (default 10)")
+    b.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
+    b.add_argument("--rho", type=float, default=0.05, help="SAM radius for the SAM step")
+    b.add_argument("--json", metavar="OUT.json", help="also write the result as JSON here")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    r = bench(args.model, args.batch_size, args.device, args.warmup, args.steps,
+              args.num_classes, args.rho)
+    print(format_result(r))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(r, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
