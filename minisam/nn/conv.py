@@ -163,11 +163,27 @@ class Conv(Layer):
         n, oh, ow, _ = dy.shape
         dy2 = dy.reshape(-1, cout)
         self.grads["kernel"] = (self.cols.T @ dy2).reshape(k.shape)
+        self.cols = None  # the buffer stays for the next step; the reference goes
+        if self.stride == 1:
+            return self._input_grad_as_conv(dy)
         dcols = _workspace((n * oh * ow, kh * kw * cin), dy)
         get_xp(dy).matmul(dy2, k.reshape(-1, cout).T, out=dcols)
-        dcols = dcols.reshape(n, oh, ow, kh, kw, cin)
-        self.cols = None  # free the cache once used
-        dxpad = col2im(dcols, self.xpad_shape, self.stride)
+        dxpad = col2im(dcols.reshape(n, oh, ow, kh, kw, cin), self.xpad_shape, self.stride)
         top, _, left, _ = self.pads
         h, w = self.x_shape[1:3]
         return dxpad[:, top:top + h, left:left + w, :]
+
+    def _input_grad_as_conv(self, dy):
+        """Stride 1: dx is dy convolved with the kernel flipped in space and transposed in
+        channels, ``dx = conv(pad(dy), k[::-1, ::-1].swap(in, out))``, with the padding
+        mirrored (k - 1 - pad on each side). Same result as GEMM + col2im, but an im2col
+        copy is cheaper than col2im's scattered additions."""
+        k = self.params["kernel"]
+        kh, kw, cin, cout = k.shape
+        n, h, w, _ = self.x_shape
+        top, bottom, left, right = self.pads
+        dypad = get_xp(dy).pad(dy, ((0, 0), (kh - 1 - top, kh - 1 - bottom),
+                                    (kw - 1 - left, kw - 1 - right), (0, 0)))
+        flipped = k[::-1, ::-1].transpose(0, 1, 3, 2).reshape(-1, cin)
+        cols = im2col(dypad, kh, kw, 1, h, w, _workspace((n, h, w, kh, kw, cout), dy))
+        return (cols.reshape(-1, kh * kw * cout) @ flipped).reshape(n, h, w, cin)
