@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/minisam verify reference_results/*.npz
+	$(VENV)/bin/minisam demo
 
 verify: $(VENV)/.installed
 	$(VENV)/bin/minisam verify reference_results/*.npz

@@ -115,7 +115,7 @@ def variance_scaling_fan_out(rng, shape, scale=2.0):
     return (z * std).astype(DTYPE)
 
 
-_workspaces = {}
+_local = threading.local()  # per-thread scratch space, freed when the thread ends
 
 
 def _buffer(owner: dict, key, shape, like):
@@ -131,8 +131,9 @@ def _buffer(owner: dict, key, shape, like):
 def _workspace(shape, like):
     """A scratch buffer shared by all Conv layers of this thread (used and released within
     one call, so layers can share it; threads cannot)."""
-    return _buffer(_workspaces, (threading.get_ident(), shape, str(like.dtype),
-                                 get_xp(like).__name__), shape, like)
+    if not hasattr(_local, "buffers"):
+        _local.buffers = {}
+    return _buffer(_local.buffers, (shape, str(like.dtype), get_xp(like).__name__), shape, like)
 
 
 class Conv(Layer):

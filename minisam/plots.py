@@ -1,0 +1,145 @@
+"""Figures: training curves from a run directory, SGD-vs-SAM comparisons, loss landscapes.
+
+matplotlib is an optional extra (``pip install 'minisam[plots]'``); it is imported only when
+a figure is drawn, with the non-interactive Agg backend, so plotting works on machines
+without a display. Every function writes a PNG and returns its path.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .train import CONFIG_FILE, read_metrics
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plots need matplotlib, which is not installed; install the plots "
+                          "extra: pip install 'minisam[plots]'") from e
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _run_label(run_dir: str) -> str:
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            c = json.load(f)["config"]
+        opt = f"SAM rho={c['rho']:g}" if c["rho"] > 0 else "SGD"
+        noise = f", {c['label_noise']:.0%} label noise" if c.get("label_noise") else ""
+        return f"{opt} ({c['model']}, {c['dataset']}{noise})"
+    except (OSError, KeyError, ValueError):
+        return os.path.basename(os.path.normpath(run_dir))
+
+
+def _is_sam(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            return json.load(f)["config"]["rho"] > 0
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _eval_name(run_dir: str) -> str:
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            return "validation" if json.load(f)["config"].get("validation") else "test"
+    except (OSError, KeyError, ValueError):
+        return "test"
+
+
+def _records(run_dir: str):
+    recs = [r for r in read_metrics(run_dir) if "test_loss" in r]
+    if not recs:
+        raise ValueError(f"{run_dir!r} has no completed epoch in its metrics.jsonl yet; "
+                         "nothing to plot")
+    return recs
+
+
+def _save(fig, out: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return out
+
+
+def plot_training_curves(run_dir: str, out: str | None = None) -> str:
+    """Loss and error rate per epoch, train (mean over the epoch's batches, augmented) and
+    test (or validation), from ``run_dir/metrics.jsonl``. Default out: run_dir/curves.png."""
+    return plot_comparison({_run_label(run_dir): run_dir},
+                           out or os.path.join(run_dir, "curves.png"))
+
+
+def plot_comparison(runs, out: str, landscape: dict | None = None, title: str | None = None) -> str:
+    """Curves of several runs on shared axes, e.g. {"SGD": dir1, "SAM": dir2}.
+
+    runs:      dict label -> run directory, or a list of run directories.
+    landscape: optional dict label -> ``sharpness.loss_slice_1d`` result, drawn as a third
+               panel (the loss along a filter-normalised random direction).
+    Train curves (dashed) are the epoch means of the training batches' metrics as logged
+    during training (augmented data; for SAM at the perturbed weights w + e, as the JAX code
+    logs them); test curves are solid; one colour per run."""
+    plt = _pyplot()
+    if not isinstance(runs, dict):
+        runs = {_run_label(d): d for d in runs}
+    panels = 3 if landscape else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, run_dir) in enumerate(runs.items()):
+        recs, c = _records(run_dir), colors[i % len(colors)]
+        ep = [r["epoch"] for r in recs]
+        ev = _eval_name(run_dir)
+        # the JAX code logs SAM's training metrics at the perturbed weights w + e
+        tr = "train batches" + (" at w+e" if _is_sam(run_dir) else "")
+        for ax, key in zip(axes[:2], ("loss", "error_rate")):
+            ax.plot(ep, [r[f"train_{key}"] for r in recs], "--", color=c, label=f"{label}, {tr}")
+            ax.plot(ep, [r[f"test_{key}"] for r in recs], "-", color=c, label=f"{label}, {ev}")
+    axes[0].set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    axes[1].set(xlabel="epoch", ylabel="error rate", title="error rate")
+    for ax in axes[:2]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if landscape:
+        for i, (label, s) in enumerate(landscape.items()):
+            axes[2].plot(s["alphas"], s["loss"], "-o", ms=3, color=colors[i % len(colors)],
+                         label=label)
+        axes[2].set(xlabel="alpha (filter-normalised direction)", ylabel="training loss",
+                    title="1-D loss slice (Li et al. 2018)")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out)
+
+
+def plot_landscape_1d(slices: dict, out: str, title: str = "1-D loss slice") -> str:
+    """Loss and error along one direction for each labelled ``loss_slice_1d`` result."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0))
+    for label, s in slices.items():
+        axes[0].plot(s["alphas"], s["loss"], "-o", ms=3, label=label)
+        axes[1].plot(s["alphas"], s["error_rate"], "-o", ms=3, label=label)
+    axes[0].set(xlabel="alpha", ylabel="loss", title=title)
+    axes[1].set(xlabel="alpha", ylabel="error rate")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_landscape_2d(surface: dict, out: str, title: str = "2-D loss surface",
+                      levels: int = 30) -> str:
+    """Contour plot of a ``loss_surface_2d`` result (Li et al. 2018, their Fig. 1 style)."""
+    plt = _pyplot()
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    a, b = np.meshgrid(surface["alphas"], surface["betas"])
+    cs = ax.contour(a, b, surface["loss"], levels=levels, cmap="viridis")
+    ax.clabel(cs, inline=True, fontsize=6, fmt="%.2f")
+    ax.plot([0], [0], "r+", ms=10)
+    ax.set(xlabel="alpha (direction 1)", ylabel="beta (direction 2)", title=title)
+    return _save(fig, out)
