@@ -359,8 +359,9 @@ takes over). SGD's steep side is the steeper one.
 
 Along a random filter-normalised direction the picture is the familiar one from Li et al.:
 a basin whose walls rise around $|\alpha| \approx 0.5$. In the run stored here SAM's slice
-is the wider one for seed 0 and the two are equally wide for seeds 1 and 2: one random
-direction is one draw, to be read together with the eigenvalues rather than on its own.
+is clearly the wider one for seed 0 and about as wide as SGD's (within one grid step of 0.1)
+for seeds 1 and 2: one random direction is one draw, to be read together with the
+eigenvalues rather than on its own.
 
 ## 5. The loss on a plane
 
@@ -414,8 +415,9 @@ from one pair of random directions is one sample.
   smaller than SGD's in every seed, by a factor that varies from about 1.1 to 2.5 here.
   The symmetric part of the loss along the sharpest direction confirms the numbers.
 * Random filter-normalised slices and planes are one sample of directions each. In the run
-  stored here they favour SAM for seed 0 (line and plane) and show no difference for seeds
-  1 and 2 (line): they see the overall shape of a basin, not its sharpest directions.
+  stored here they favour SAM for seed 0 (line and plane) and show little or no difference
+  for seeds 1 and 2 (line): they see the overall shape of a basin, not its sharpest
+  directions.
 
 SAM's flatness pays off more visibly when the training labels are wrong, where SGD
 memorises and SAM resists: that is notebook 06. Next, notebook 05 looks at what changes
