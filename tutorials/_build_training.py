@@ -21,7 +21,7 @@ import nbformat
 from nbformat.v4 import new_notebook
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _build import HERE, ROOT, SETUP, code, execute, md  # noqa: E402
+from _build import HERE, ROOT, SETUP, code, execute, md
 
 # minisam.plots draws with matplotlib's Agg backend (it writes PNG files, and works on
 # machines without a display), which switches a notebook's inline backend off. Notebooks
