@@ -1373,14 +1373,17 @@ def execute(nb, timeout=300):
     return nb
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, notebooks=None, build_fn=None, description=None):
+    """Build (and with --execute run) notebooks; _build_training.py reuses this for 04-06."""
+    notebooks = NOTEBOOKS if notebooks is None else notebooks
+    build_fn = build if build_fn is None else build_fn
+    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="notebooks to build (default: all); e.g. 01")
     p.add_argument("--execute", action="store_true", help="run them and store the outputs")
     args = p.parse_args(argv)
-    names = [n for n in NOTEBOOKS if not args.names or any(n.startswith(a) for a in args.names)]
+    names = [n for n in notebooks if not args.names or any(n.startswith(a) for a in args.names)]
     for name in names:
-        nb = build(name)
+        nb = build_fn(name)
         path = os.path.join(HERE, name)
         if args.execute:
             t = time.perf_counter()

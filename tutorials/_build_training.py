@@ -12,16 +12,14 @@ Each notebook trains small networks on the CPU; the builder prints how long each
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
-import nbformat
 from nbformat.v4 import new_notebook
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _build import HERE, ROOT, SETUP, code, execute, md
+import _build
+from _build import SETUP, code, md
 
 # minisam.plots draws with matplotlib's Agg backend (it writes PNG files, and works on
 # machines without a display), which switches a notebook's inline backend off. Notebooks
@@ -1145,26 +1143,7 @@ def build(name):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("names", nargs="*", help="notebooks to build (default: all); e.g. 05")
-    p.add_argument("--execute", action="store_true", help="run them and store the outputs")
-    args = p.parse_args(argv)
-    names = [n for n in NOTEBOOKS if not args.names or any(n.startswith(a) for a in args.names)]
-    for name in names:
-        nb = build(name)
-        path = os.path.join(HERE, name)
-        if args.execute:
-            t = time.perf_counter()
-            try:
-                execute(nb)
-            except Exception:
-                nbformat.write(nb, path)   # keep the partial outputs to look at
-                raise
-            print(f"{name}: executed in {time.perf_counter() - t:.1f} s")
-        nbformat.validate(nb)
-        nbformat.write(nb, path)
-        print(f"wrote {os.path.relpath(path, ROOT)} ({os.path.getsize(path) / 1024:.0f} KiB)")
-    return 0
+    return _build.main(argv, NOTEBOOKS, build, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
