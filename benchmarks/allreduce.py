@@ -80,7 +80,8 @@ def _prod(shape):
 
 def measure(args) -> dict | None:
     import cupy as cp
-    from minisam.parallel import _ptr, comm_from_env
+    from minisam.distributed import comm_from_env
+    from minisam.distributed.nccl import _ptr
 
     comm = comm_from_env("gpu", nccl=True, bucket_mb=args.bucket_mb)
     nccl = comm.nccl

@@ -2,9 +2,11 @@
 
 Every op in minisam takes its array module from its input (``get_xp(x)``), so the
 same function runs on NumPy arrays on the CPU and on CuPy arrays on a GPU. Only this
-file knows whether CuPy is installed.
+file knows whether CuPy is installed. It also keeps the layers' scratch buffers.
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -71,3 +73,29 @@ def tree_to_device(tree: dict, device: str) -> dict:
 
 def tree_to_numpy(tree: dict) -> dict:
     return {k: to_numpy(v) for k, v in tree.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Scratch buffers: big arrays allocated anew every step cost page faults (on the CPU) that
+# can take longer than the matrix multiply that fills them, so layers reuse them.
+
+_local = threading.local()  # per-thread scratch space, freed when the thread ends
+
+
+def reusable_buffer(owner: dict, key, shape, like):
+    """An uninitialised array of ``shape`` and ``like``'s dtype and device, kept in
+    ``owner[key]`` and returned again while shape, dtype and device stay the same."""
+    xp = get_xp(like)
+    buf = owner.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or get_xp(buf) is not xp:
+        buf = owner[key] = xp.empty(shape, like.dtype)
+    return buf
+
+
+def workspace(shape, like):
+    """A scratch buffer shared by every layer of this thread: for use within one call only
+    (layers can share it, replica threads cannot, hence one set per thread)."""
+    if not hasattr(_local, "buffers"):
+        _local.buffers = {}
+    return reusable_buffer(_local.buffers, (shape, str(like.dtype), get_xp(like).__name__),
+                           shape, like)

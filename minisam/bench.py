@@ -9,7 +9,6 @@ pool's high-water mark on a GPU and the process's peak RSS on a CPU.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -20,7 +19,7 @@ import time
 import numpy as np
 
 from . import __version__
-from .backend import gpu_available, to_device, xp_for
+from .backend import to_device, xp_for
 from .models import wide_resnet
 from .optim import nesterov_init
 from .sam import SAMConfig, train_step
@@ -118,37 +117,3 @@ def format_result(r: dict) -> str:
             f"  SAM step {r['sam_ms']:9.1f} ms  {r['sam_images_per_s']:9.1f} images/s\n"
             f"  SAM/SGD  {r['sam_sgd_ratio']:9.2f}\n"
             f"  peak memory {r['peak_memory_mb']:.0f} MiB ({r['peak_memory_kind']})")
-
-
-def add_parser(sub):
-    b = sub.add_parser(
-        "bench", help="time an SGD step and a SAM step (images/s, ms, SAM/SGD, memory)",
-        description="Time one SGD step (rho = 0) and one SAM step of a WideResnet on a fixed "
-                    "synthetic CIFAR-shaped batch: warm-up steps, then the median of timed, "
-                    "device-synchronised steps. Prints images/s, ms per step, the SAM/SGD "
-                    "ratio and peak memory, and optionally writes JSON.")
-    b.add_argument("--model", default="wrn16_4",
-                   help="WideResnet preset: wrn16_4, wrn16_8, wrn28_10 or wrn<6n+4>_<k> "
-                        "(default wrn16_4)")
-    b.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    b.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                   help="cpu (NumPy) or gpu (CuPy); default cpu")
-    b.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    b.add_argument("--steps", type=int, default=10,
-                   help="timed steps; the median is reported (default 10)")
-    b.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
-    b.add_argument("--rho", type=float, default=0.05, help="SAM radius for the SAM step")
-    b.add_argument("--json", metavar="OUT.json", help="also write the result as JSON here")
-    b.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args) -> int:
-    r = bench(args.model, args.batch_size, args.device, args.warmup, args.steps,
-              args.num_classes, args.rho)
-    print(format_result(r))
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(r, f, indent=1)
-        os.replace(tmp, args.json)
-    return 0

@@ -34,7 +34,9 @@ from .sharpness import (
     m_sharpness,
     top_hessian_eigenvalue,
 )
-from .train import CONFIG_FILE, TrainConfig, Trainer
+from .config import TrainConfig
+from .rundir import CONFIG_FILE
+from .train import Trainer
 
 FULL = dict(dataset="digits", image_size=8, model="wrn10_2", epochs=40, batch_size=64, lr=0.1,
             weight_decay=5e-4, label_noise=0.3, seed=0)

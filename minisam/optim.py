@@ -8,11 +8,10 @@ from __future__ import annotations
 import math
 
 from .backend import get_xp
+from .tree import global_norm
 
-
-def global_norm(tree: dict):
-    """sqrt(sum of squares over every array of the dict): the norm of the concatenated vector."""
-    return sum((v * v).sum() for v in tree.values()) ** 0.5
+__all__ = ["clip_by_global_norm", "constant_schedule", "cosine_schedule", "global_norm",
+           "nesterov_init", "nesterov_update"]
 
 
 def clip_by_global_norm(grads: dict, max_norm: float):

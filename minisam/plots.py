@@ -6,10 +6,9 @@ without a display. Every function writes a PNG and returns its path.
 """
 from __future__ import annotations
 
-import json
 import os
 
-from .train import CONFIG_FILE, read_metrics
+from .rundir import read_config, read_metrics
 
 
 def _pyplot():
@@ -23,31 +22,29 @@ def _pyplot():
     return plt
 
 
-def _run_label(run_dir: str) -> str:
+def _config(run_dir: str) -> dict:
+    """The run's TrainConfig fields, or {} if its config.json is missing or unreadable."""
     try:
-        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
-            c = json.load(f)["config"]
-        opt = f"SAM rho={c['rho']:g}" if c["rho"] > 0 else "SGD"
-        noise = f", {c['label_noise']:.0%} label noise" if c.get("label_noise") else ""
-        return f"{opt} ({c['model']}, {c['dataset']}{noise})"
+        return read_config(run_dir)
     except (OSError, KeyError, ValueError):
+        return {}
+
+
+def _run_label(run_dir: str) -> str:
+    c = _config(run_dir)
+    if "rho" not in c or "model" not in c or "dataset" not in c:
         return os.path.basename(os.path.normpath(run_dir))
+    opt = f"SAM rho={c['rho']:g}" if c["rho"] > 0 else "SGD"
+    noise = f", {c['label_noise']:.0%} label noise" if c.get("label_noise") else ""
+    return f"{opt} ({c['model']}, {c['dataset']}{noise})"
 
 
 def _is_sam(run_dir: str) -> bool:
-    try:
-        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
-            return json.load(f)["config"]["rho"] > 0
-    except (OSError, KeyError, ValueError):
-        return False
+    return _config(run_dir).get("rho", 0) > 0
 
 
 def _eval_name(run_dir: str) -> str:
-    try:
-        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
-            return "validation" if json.load(f)["config"].get("validation") else "test"
-    except (OSError, KeyError, ValueError):
-        return "test"
+    return "validation" if _config(run_dir).get("validation") else "test"
 
 
 def _records(run_dir: str):

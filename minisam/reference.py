@@ -21,9 +21,10 @@ import numpy as np
 
 from .backend import to_device, to_numpy, tree_to_device
 from .models import WideResnet
-from .optim import constant_schedule, cosine_schedule, global_norm, nesterov_init
-from .parallel import run_replicas
+from .distributed.local import run_replicas
+from .optim import constant_schedule, cosine_schedule, nesterov_init
 from .sam import SAMConfig, eval_step, train_step
+from .tree import global_norm
 
 REQUIRED_CONFIG = ("batch_size", "blocks_per_group", "channel_multiplier", "num_outputs",
                    "replicas", "sam_rho", "label_smoothing", "weight_decay",
@@ -111,14 +112,10 @@ class _ReluTies:
         return wrapped
 
 
-def _all_relus(layer, prefix=""):
+def _all_relus(model):
     """(path, ReLU) for every ReLU in the model, e.g. 'WideResnetGroup_2/WideResnetBlock_0/relu1'."""
     from .nn import ReLU
-    for name, v in vars(layer).items():
-        if isinstance(v, ReLU):
-            yield prefix + name, v
-    for cname, child in layer.children.items():
-        yield from _all_relus(child, f"{prefix}{cname}/")
+    return [(path, layer) for path, layer in model.named_layers() if isinstance(layer, ReLU)]
 
 
 def run_case(arrays: dict, manifest: dict, device: str = "cpu", ties: _ReluTies | None = None) -> dict:
@@ -315,3 +312,12 @@ def format_rows(rows) -> str:
         lines.append(f"{r.group:58s} {r.n_keys:4d} {r.max_abs:12.3e} {r.max_rel:12.3e} "
                      f"{r.tol:8.0e}{'a' if r.kind == 'abs' else ' '} {'pass' if r.ok else 'FAIL'}")
     return "\n".join(lines)
+
+
+def format_summary(rows) -> str:
+    """One line: PASS or FAIL, and the worst relative error on values and on gradients."""
+    worst = {tol: max((r.max_rel for r in rows if r.kind == "rel" and r.tol == tol),
+                      default=0.0) for tol in (VALUE_RTOL, GRAD_RTOL)}
+    return (f"-> {'PASS' if all(r.ok for r in rows) else 'FAIL'}: max rel err "
+            f"{worst[VALUE_RTOL]:.2e} on values (tol {VALUE_RTOL:g}), {worst[GRAD_RTOL]:.2e} "
+            f"on gradients/params/state (tol {GRAD_RTOL:g})")

@@ -14,11 +14,14 @@ parameters; at w + e the L2 term is evaluated at w + e too. ``rho = 0`` is plain
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
+from .distributed.local import LocalComm
 from .nn.loss import error_rate, one_hot, softmax_cross_entropy
-from .optim import clip_by_global_norm, global_norm, nesterov_update
-from .parallel import LocalComm
+from .optim import clip_by_global_norm, nesterov_update
+from .tree import global_norm
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,20 @@ class SAMConfig:
     momentum: float = 0.9             # Nesterov beta
 
     def __post_init__(self):
+        def number(name):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+            return v
         for name in ("rho", "weight_decay", "gradient_clipping"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"SAMConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+            if not (math.isfinite(number(name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
+        for name in ("label_smoothing", "momentum"):
+            if not 0 <= number(name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.sync_perturbations, bool):
+            raise TypeError(f"sync_perturbations must be True or False, got "
+                            f"{self.sync_perturbations!r}")
 
 
 def loss_and_grad(model, params, images, onehot, cfg: SAMConfig):

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_xp, to_numpy
+from .backend import get_xp
 from .nn.loss import error_rate, one_hot, softmax_cross_entropy
-from .optim import global_norm
 from .sam import SAMConfig, dual_vector, loss_and_grad
+from .tree import axpy, dot, global_norm
 
 
 class BatchLoss:
@@ -99,14 +99,6 @@ class BatchLoss:
 # ---------------------------------------------------------------------------------------
 # Hessian
 
-def _axpy(a, x: dict, y: dict) -> dict:
-    return {k: y[k] + a * x[k] for k in y}
-
-
-def _dot(a: dict, b: dict) -> float:
-    return float(sum((a[k] * b[k]).sum() for k in a))
-
-
 def hessian_vector_product(grad_fn, params: dict, v: dict, h: float) -> dict:
     """``(g(w + h v) - g(w - h v)) / 2h``: H v up to O(h^2 ||v||^3) for a unit v.
 
@@ -114,7 +106,7 @@ def hessian_vector_product(grad_fn, params: dict, v: dict, h: float) -> dict:
     def g(p):
         out = grad_fn(p)
         return out[1] if isinstance(out, tuple) else out
-    gp, gm = g(_axpy(h, v, params)), g(_axpy(-h, v, params))
+    gp, gm = g(axpy(h, v, params)), g(axpy(-h, v, params))
     return {k: (gp[k] - gm[k]) / (2 * h) for k in gp}
 
 
@@ -165,7 +157,7 @@ def top_hessian_eigenvalue(grad_fn, params: dict, *, iters: int = 20, tol: float
     history, lam, converged, residual = [], None, False, float("nan")
     for _ in range(iters):
         hv = hessian_vector_product(grad_fn, params, v, h)
-        new = _dot(v, hv)
+        new = dot(v, hv)
         history.append(new)
         converged = lam is not None and abs(new - lam) <= tol * abs(new)
         lam = new
@@ -213,7 +205,7 @@ def loss_slice_1d(loss_fn, params: dict, direction: dict, alphas) -> dict:
 
     ``loss_fn(params) -> (loss, error rate)``, e.g. a ``BatchLoss``."""
     alphas = np.asarray(alphas, dtype=np.float64)
-    vals = [loss_fn(_axpy(float(a), direction, params)) for a in alphas]
+    vals = [loss_fn(axpy(float(a), direction, params)) for a in alphas]
     return {"alphas": alphas, "loss": np.array([v[0] for v in vals]),
             "error_rate": np.array([v[1] for v in vals])}
 
@@ -224,9 +216,9 @@ def loss_surface_2d(loss_fn, params: dict, d1: dict, d2: dict, alphas, betas) ->
     loss = np.zeros((len(betas), len(alphas)))
     err = np.zeros_like(loss)
     for i, b in enumerate(betas):
-        row = _axpy(float(b), d2, params)
+        row = axpy(float(b), d2, params)
         for j, a in enumerate(alphas):
-            loss[i, j], err[i, j] = loss_fn(_axpy(float(a), d1, row))
+            loss[i, j], err[i, j] = loss_fn(axpy(float(a), d1, row))
     return {"alphas": alphas, "betas": betas, "loss": loss, "error_rate": err}
 
 
@@ -254,14 +246,9 @@ def m_sharpness(model, params: dict, state: dict, images, labels, *, m: int, rho
         l0, g = f.grad(p)
         _, e0 = f.value(p)
         direction, _ = dual_vector(g)
-        l1, e1 = f.value(_axpy(rho, direction, p))
+        l1, e1 = f.value(axpy(rho, direction, p))
         per_loss.append(l1 - l0)
         per_err.append(e1 - e0)
     return {"m": m, "rho": rho, "loss": float(np.mean(per_loss)),
             "error_rate": float(np.mean(per_err)), "per_batch_loss": np.array(per_loss),
             "per_batch_error_rate": np.array(per_err)}
-
-
-def flatten(tree: dict) -> np.ndarray:
-    """All arrays of a dict as one host vector (sorted keys), e.g. to compare directions."""
-    return np.concatenate([to_numpy(tree[k]).ravel() for k in sorted(tree)])

@@ -13,7 +13,7 @@ import pytest
 
 from minisam.backend import gpu_available
 from minisam.cli import build_config, build_parser, main
-from minisam.train import load_checkpoint, read_metrics
+from minisam.rundir import load_checkpoint, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "wrn10_1", "--no-progress"]

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minisam.models import PRESETS, WideResnet, parse_wrn_name, wide_resnet
+from minisam.models import WRN_PRESETS, WideResnet, parse_wrn_name, wide_resnet
 from minisam.nn import one_hot, softmax_cross_entropy
 from tests.gradcheck import directional_check
 
@@ -56,7 +56,7 @@ def test_initialisers_follow_jax():
 
 
 def test_presets_and_names():
-    assert parse_wrn_name("WRN-28-10") == (4, 10) == PRESETS["wrn28_10"]
+    assert parse_wrn_name("WRN-28-10") == (4, 10) == WRN_PRESETS["wrn28_10"]
     assert parse_wrn_name("wrn16_8") == (2, 8)
     assert parse_wrn_name("wrn10x2") == (1, 2)
     for bad in ("resnet50", "wrn17_4", "wrn28"):

@@ -5,7 +5,7 @@ import pytest
 from minisam.models import WideResnet
 from minisam.optim import (clip_by_global_norm, cosine_schedule, global_norm, nesterov_init,
                            nesterov_update)
-from minisam.parallel import LocalComm, run_replicas
+from minisam.distributed.local import LocalComm, run_replicas
 from minisam.sam import SAMConfig, dual_vector, loss_and_grad, train_step
 from minisam.nn import one_hot
 

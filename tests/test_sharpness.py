@@ -6,10 +6,10 @@ import pytest
 
 from minisam.models import WideResnet
 from minisam.optim import global_norm
+from minisam.tree import to_vector as flatten
 from minisam.sharpness import (
     BatchLoss,
     filter_normalized_direction,
-    flatten,
     hessian_vector_product,
     loss_slice_1d,
     loss_surface_2d,

@@ -10,16 +10,11 @@ import time
 import numpy as np
 import pytest
 
-import minisam.train as train_mod
-from minisam.parallel import run_replicas
-from minisam.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    TrainingInterrupted,
-    load_checkpoint,
-    read_metrics,
-)
+import minisam.rundir as rundir_mod
+from minisam.config import TrainConfig
+from minisam.distributed.local import run_replicas
+from minisam.rundir import load_checkpoint, read_metrics
+from minisam.train import NonFiniteLossError, Trainer, TrainingInterrupted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +143,7 @@ def test_sigkill_inside_checkpoint_write_leaves_previous_checkpoint(tmp_path):
     second checkpoint: the first stays loadable, resume finishes the run exactly."""
     a = _straight(tmp_path)
     b = str(tmp_path / "torn")
-    code = ("import os, signal, sys, minisam.train as t\n"
+    code = ("import os, signal, sys, minisam.rundir as t\n"
             "n = [0]\n"
             "def rep(src, dst, real=os.replace):\n"
             "    if dst.endswith('checkpoint.npz'):\n"
@@ -182,7 +177,7 @@ def test_crash_between_temp_write_and_replace(tmp_path, monkeypatch):
 
     def crash(src, dst):
         raise Crash()
-    monkeypatch.setattr(train_mod, "_replace", crash)
+    monkeypatch.setattr(rundir_mod, "_replace", crash)
     tr.step += 1  # anything: the write must not land
     with pytest.raises(Crash):
         tr.save()

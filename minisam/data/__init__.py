@@ -6,12 +6,13 @@ embedded handwritten digits, synthetic data; augmentation; a reproducible loader
     loader = Loader(train, 128, augment=Augment(crop_pad=1, flip=False), seed=0)
     for images, labels in loader.epoch(0): ...
 """
-from minisam.data.augment import (Augment, cutout, default_augment, pad_reflect,
-                                  random_crop, random_flip, symmetric_label_noise)
-from minisam.data.cifar import CIFAR_MEAN_STD, NUM_CLASSES
-from minisam.data.dataset import (DATASETS, SOURCES, Dataset, load_dataset, normalize,
-                                  resize_bilinear, synthetic, validation_split)
-from minisam.data.loader import Loader
+from .augment import (Augment, cutout, default_augment, pad_reflect, random_crop, random_flip,
+                      symmetric_label_noise)
+from .cifar import CIFAR_MEAN_STD, NUM_CLASSES
+from .dataset import (DATASETS, SOURCES, Dataset, load_dataset, normalize, synthetic,
+                      validation_split)
+from .digits import resize_bilinear
+from .loader import Loader
 
 __all__ = [
     "Augment", "CIFAR_MEAN_STD", "DATASETS", "Dataset", "Loader", "NUM_CLASSES", "SOURCES",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minisam.backend import get_xp, to_numpy
+from ..backend import get_xp, to_numpy
 
 
 def _check(images, rng):
@@ -33,8 +33,12 @@ def _check(images, rng):
 def random_flip(images, rng: np.random.Generator):
     """Flip each image left-right with probability 1/2 (`tf.image.random_flip_left_right`)."""
     _check(images, rng)
+    return _flip(images, rng.random(images.shape[0]) < 0.5)
+
+
+def _flip(images, flags):
     xp = get_xp(images)
-    flip = xp.asarray(rng.random(images.shape[0]) < 0.5)
+    flip = xp.asarray(flags)
     return xp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
@@ -58,14 +62,23 @@ def random_crop(images, rng: np.random.Generator, pad: int = 4):
     """
     _check(images, rng)
     b, h, w, _ = images.shape
+    _check_pad(pad, h, w)
+    oy = rng.integers(0, 2 * pad + 1, size=b)
+    ox = rng.integers(0, 2 * pad + 1, size=b)
+    return _crop(images, oy, ox, pad)
+
+
+def _check_pad(pad, h, w):
     if not 0 <= pad < min(h, w):
         raise ValueError(f"crop padding must be in [0, {min(h, w)}) for {h}x{w} images "
                          f"(reflect padding cannot exceed the image); got {pad}")
-    oy = rng.integers(0, 2 * pad + 1, size=b)
-    ox = rng.integers(0, 2 * pad + 1, size=b)
+
+
+def _crop(images, oy, ox, pad):
     if pad == 0:
         return images
     xp = get_xp(images)
+    b, h, w, _ = images.shape
     padded = pad_reflect(images, pad)
     rows = xp.asarray(oy)[:, None] + xp.arange(h)  # [B, H]
     cols = xp.asarray(ox)[:, None] + xp.arange(w)  # [B, W]
@@ -89,11 +102,16 @@ def cutout(images, rng: np.random.Generator, size: int = 16, per_image: bool = F
     _check(images, rng)
     if size < 0:
         raise ValueError(f"cutout size must be >= 0; got {size}")
-    xp = get_xp(images)
     b, h, w, _ = images.shape
     n = b if per_image else 1
     cy = rng.integers(0, h, size=n)
     cx = rng.integers(0, w, size=n)
+    return _cutout(images, cy, cx, size)
+
+
+def _cutout(images, cy, cx, size):
+    xp = get_xp(images)
+    _, h, w, _ = images.shape
     half = size // 2
     ys, xs = np.arange(h), np.arange(w)
     in_y = (ys >= (cy - half)[:, None]) & (ys < (cy + half)[:, None])  # [n, H]
@@ -162,12 +180,40 @@ class Augment:
 
     def __call__(self, images, rng: np.random.Generator):
         _check(images, rng)
+        return self.apply(images, self.draw(rng, images.shape))
+
+    def draw(self, rng: np.random.Generator, shape) -> dict:
+        """The random choices for one batch of ``shape`` [B, H, W, C], drawn on the host in
+        the order ``random_flip``, ``random_crop`` and ``cutout`` draw them."""
+        b, h, w, _ = shape
+        p = {}
         if self.flip:
-            images = random_flip(images, rng)
+            p["flip"] = rng.random(b) < 0.5
         if self.crop_pad:
-            images = random_crop(images, rng, self.crop_pad)
+            _check_pad(self.crop_pad, h, w)
+            p["oy"] = rng.integers(0, 2 * self.crop_pad + 1, size=b)
+            p["ox"] = rng.integers(0, 2 * self.crop_pad + 1, size=b)
         if self.cutout:
-            images = cutout(images, rng, self.cutout, self.cutout_per_image)
+            if self.cutout < 0:
+                raise ValueError(f"cutout size must be >= 0; got {self.cutout}")
+            n = b if self.cutout_per_image else 1
+            p["cy"], p["cx"] = rng.integers(0, h, size=n), rng.integers(0, w, size=n)
+        return p
+
+    def apply(self, images, choices: dict, rows=slice(None)):
+        """Augment ``images``, rows ``rows`` of the batch that ``choices`` were drawn for.
+
+        Every operation acts on each image alone, so a data-parallel replica can augment
+        only its own shard and get the same bits as its slice of the augmented batch."""
+        if self.flip:
+            images = _flip(images, choices["flip"][rows])
+        if self.crop_pad:
+            images = _crop(images, choices["oy"][rows], choices["ox"][rows], self.crop_pad)
+        if self.cutout:
+            shared = not self.cutout_per_image   # one square for the whole batch (JAX)
+            cy, cx = (choices["cy"], choices["cx"]) if shared else \
+                (choices["cy"][rows], choices["cx"][rows])
+            images = _cutout(images, cy, cx, self.cutout)
         return images
 
     @property

@@ -63,7 +63,7 @@ class Dataset:
         Noise is drawn once, from `seed` alone, so every epoch and every resumed run
         sees the same corrupted labels, as in the paper's label-noise experiments.
         """
-        from minisam.data.augment import symmetric_label_noise
+        from .augment import symmetric_label_noise
 
         labels = symmetric_label_noise(self.labels, rate, self.num_classes,
                                        np.random.default_rng(seed), allow_same=allow_same)
@@ -108,32 +108,6 @@ def validation_split(images: np.ndarray, labels: np.ndarray):
     n_val = len(labels) // 10
     cut = len(labels) - n_val
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
-
-
-def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize [N, h, w, C] float images to [N, size, size, C], bilinear.
-
-    Half-pixel centres and edge clamping, like `tf.image.resize(method='bilinear')`
-    without antialiasing (so at 2x each output pixel mixes its two nearest input
-    pixels 3:1). Written as two small interpolation matrices, out = Ry @ x @ Rx^T,
-    which is exact and needs no loops. Used to upscale the 8x8 digits.
-    """
-
-    def matrix(n_in: int, n_out: int) -> np.ndarray:
-        src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-        src = np.clip(src, 0, n_in - 1)
-        lo = np.floor(src).astype(int)
-        hi = np.minimum(lo + 1, n_in - 1)
-        frac = src - lo
-        m = np.zeros((n_out, n_in))
-        m[np.arange(n_out), lo] += 1 - frac
-        m[np.arange(n_out), hi] += frac
-        return m
-
-    ry = matrix(images.shape[1], size)
-    rx = matrix(images.shape[2], size)
-    out = np.einsum("ij,njkc,lk->nilc", ry, images.astype(np.float64), rx)
-    return out.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +171,7 @@ def load_dataset(name: str, data_dir=None, source: str = "auto", image_size=None
                         "only 'synthetic' takes extra arguments")
 
     if name in ("cifar10", "cifar100"):
-        from minisam.data import cifar
+        from . import cifar
 
         if image_size not in (None, 32):
             raise ValueError(f"{name} images are 32x32; image_size={image_size} is not "
@@ -209,7 +183,7 @@ def load_dataset(name: str, data_dir=None, source: str = "auto", image_size=None
             (x_tr, y_tr), (x_te, y_te) = validation_split(x_tr, y_tr)
         x_tr, x_te = normalize(x_tr, mean, std), normalize(x_te, mean, std)
     elif name == "digits":
-        from minisam.data import digits
+        from . import digits
 
         (x_tr, y_tr), (x_te, y_te) = digits.load_digits(16 if image_size is None else image_size)
         num_classes = 10

@@ -14,7 +14,7 @@ What minisam does with it (10 classes, 1 channel, NHWC):
   balanced (33 to 37 test images per class) without explicit stratification.
 * upscale to `image_size` x `image_size` (default 16, what the small CLI models
   expect) by bilinear interpolation with half-pixel centres
-  (`dataset.resize_bilinear`), after scaling pixels to [0, 1] (x / 16).
+  (`resize_bilinear` below), after scaling pixels to [0, 1] (x / 16).
 * normalise with the mean and std of the upscaled *training* images (one scalar
   each, since there is one channel), the analogue of the JAX code's CIFAR
   constants; the same numbers serve the validation split.
@@ -25,10 +25,34 @@ from pathlib import Path
 
 import numpy as np
 
-from minisam.data.dataset import resize_bilinear
-
 NUM_TRAIN = 1440
 _NPZ = Path(__file__).with_name("digits.npz")
+
+
+def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize [N, h, w, C] float images to [N, size, size, C], bilinear.
+
+    Half-pixel centres and edge clamping, like `tf.image.resize(method='bilinear')`
+    without antialiasing (so at 2x each output pixel mixes its two nearest input
+    pixels 3:1). Written as two small interpolation matrices, out = Ry @ x @ Rx^T,
+    which is exact and needs no loops. Used to upscale the 8x8 digits.
+    """
+
+    def matrix(n_in: int, n_out: int) -> np.ndarray:
+        src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+        src = np.clip(src, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        frac = src - lo
+        m = np.zeros((n_out, n_in))
+        m[np.arange(n_out), lo] += 1 - frac
+        m[np.arange(n_out), hi] += frac
+        return m
+
+    ry = matrix(images.shape[1], size)
+    rx = matrix(images.shape[2], size)
+    out = np.einsum("ij,njkc,lk->nilc", ry, images.astype(np.float64), rx)
+    return out.astype(np.float32)
 
 
 def load_digits_raw():

@@ -17,14 +17,18 @@ so [seed, e] and [seed, e, 0] would otherwise collide.)
 
 For data-parallel training the global batch is cut into `replicas` equal shards,
 replica r taking rows [r * b, (r + 1) * b) with b = batch_size / replicas, like
-`flax_training.shard_batch` (a reshape to [replicas, b, ...]).
+`flax_training.shard_batch` (a reshape to [replicas, b, ...]). `shards(epoch, step,
+ranks)` builds only the shards a process computes: it gathers, uploads and augments
+those rows alone, with the augmentation drawn for the whole global batch, so every
+topology sees the same bits.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from minisam.backend import DEVICES, to_device, xp_for
-from minisam.data.dataset import Dataset
+from ..backend import DEVICES, to_device, xp_for
+from .augment import Augment
+from .dataset import Dataset
 
 
 class Loader:
@@ -33,8 +37,7 @@ class Loader:
     train=True:  shuffled each epoch, remainder dropped, `augment` applied.
     train=False: dataset order, last partial batch kept, no augmentation (eval).
 
-    augment:  a callable (images, numpy.random.Generator) -> images, usually
-              `augment.Augment`; None for no augmentation.
+    augment:  an `augment.Augment` (or None for no augmentation).
     device:   "cpu" or "gpu": batches are moved there (`backend.to_device`) before
               augmentation, so augmentation runs on the device.
     replicas: None -> each batch is a tuple (images, labels); an int R -> each batch
@@ -63,6 +66,9 @@ class Loader:
                     f"batch_size {batch_size} is not divisible by replicas={replicas}; "
                     f"choose a batch size that is a multiple of {replicas} "
                     f"(e.g. {batch_size - batch_size % replicas or replicas})")
+        if augment is not None and not isinstance(augment, Augment):
+            raise TypeError(f"augment must be a minisam.data.Augment or None; got "
+                            f"{type(augment).__name__}")
         if augment is not None and not train:
             raise ValueError("augment is only applied when training; an eval loader "
                              "(train=False) takes augment=None")
@@ -102,12 +108,15 @@ class Loader:
         """The generator that augments step `step` of epoch `epoch`."""
         return np.random.default_rng([self.seed, 1, int(epoch), int(step)])
 
-    def batch(self, epoch: int, step: int):
-        """Batch `step` of epoch `epoch`, rebuilt from scratch (see module docstring)."""
+    def _check_position(self, epoch: int, step: int):
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} out of range: an epoch has {self.steps_per_epoch} steps")
         if epoch < 0:
             raise IndexError(f"epoch must be >= 0; got {epoch}")
+
+    def batch(self, epoch: int, step: int):
+        """Batch `step` of epoch `epoch`, rebuilt from scratch (see module docstring)."""
+        self._check_position(epoch, step)
         idx = self.permutation(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
         images = to_device(self.dataset.images[idx], self.device)
         labels = to_device(self.dataset.labels[idx], self.device)
@@ -122,6 +131,31 @@ class Loader:
         sizes = [len(a) for a in np.array_split(np.arange(len(labels)), self.replicas)]
         bounds = np.cumsum([0] + sizes)
         return [(images[lo:hi], labels[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def shards(self, epoch: int, step: int, ranks) -> list:
+        """The shards of training batch `step` of epoch `epoch` for the replicas `ranks`
+        (a list of (images, labels), one per rank, in that order), building only their rows:
+        bitwise the same as slicing `batch(epoch, step)`."""
+        if not self.train:
+            raise ValueError("shards() cuts training batches; an eval loader has batch()")
+        self._check_position(epoch, step)
+        n = self.replicas or 1
+        b = self.batch_size // n
+        idx = self.permutation(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+        choices = None
+        if self.augment is not None:
+            choices = self.augment.draw(self.batch_rng(epoch, step),
+                                        (self.batch_size, *self.dataset.image_shape))
+        out = []
+        for r in ranks:
+            if not 0 <= r < n:
+                raise IndexError(f"replica {r} out of range: this loader cuts {n} shards")
+            rows = slice(r * b, (r + 1) * b)
+            images = to_device(self.dataset.images[idx[rows]], self.device)
+            if choices is not None:
+                images = self.augment.apply(images, choices, rows)
+            out.append((images, to_device(self.dataset.labels[idx[rows]], self.device)))
+        return out
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield the batches of `epoch`, starting at `start_step` (to resume a run)."""

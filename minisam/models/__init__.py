@@ -1,4 +1,5 @@
-from .wide_resnet import PRESETS, WideResnet, WideResnetBlock, WideResnetGroup, parse_wrn_name, wide_resnet
+from .wide_resnet import (WRN_PRESETS, WideResnet, WideResnetBlock, WideResnetGroup,
+                          parse_wrn_name, wide_resnet)
 
-__all__ = ["PRESETS", "WideResnet", "WideResnetBlock", "WideResnetGroup", "parse_wrn_name",
+__all__ = ["WRN_PRESETS", "WideResnet", "WideResnetBlock", "WideResnetGroup", "parse_wrn_name",
            "wide_resnet"]

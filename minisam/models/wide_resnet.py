@@ -27,27 +27,30 @@ class WideResnetBlock(Layer):
         self.activate_before_residual = activate_before_residual
         self.children = {
             "init_bn": BatchNorm(in_channels),
+            "relu1": ReLU(),
             "conv1": Conv(in_channels, channels, 3, stride, rng),
             "bn_2": BatchNorm(channels),
+            "relu2": ReLU(),
             "conv2": Conv(channels, channels, 3, 1, rng),
         }
-        self.relu1, self.relu2 = ReLU(), ReLU()
         # `_output_add`: pool + zero-pad the shortcut only when the channel count changes.
-        self.shortcut = Shortcut(stride, channels) if channels != in_channels else None
+        self.has_shortcut = channels != in_channels
+        if self.has_shortcut:
+            self.children["shortcut"] = Shortcut(stride, channels)
 
     def forward(self, x, train=True):
         c = self.children
         if self.activate_before_residual:
-            x = self.relu1.forward(c["init_bn"].forward(x, train))
+            x = c["relu1"].forward(c["init_bn"].forward(x, train))
             orig = branch = x
         else:
             orig = x
-            branch = self.relu1.forward(c["init_bn"].forward(x, train))
+            branch = c["relu1"].forward(c["init_bn"].forward(x, train))
         branch = c["conv1"].forward(branch, train)
-        branch = self.relu2.forward(c["bn_2"].forward(branch, train))
+        branch = c["relu2"].forward(c["bn_2"].forward(branch, train))
         branch = c["conv2"].forward(branch, train)
-        if self.shortcut is not None:
-            orig = self.shortcut.forward(orig)
+        if self.has_shortcut:
+            orig = c["shortcut"].forward(orig)
         if orig.shape != branch.shape:
             raise ValueError(f"residual shapes differ: shortcut {tuple(orig.shape)} vs branch "
                              f"{tuple(branch.shape)}; image height and width must be divisible by 4")
@@ -57,14 +60,14 @@ class WideResnetBlock(Layer):
         c = self.children
         # y = branch + shortcut: dy flows unchanged into both paths.
         d_branch = c["conv2"].backward(dy)
-        d_branch = c["bn_2"].backward(self.relu2.backward(d_branch))
+        d_branch = c["bn_2"].backward(c["relu2"].backward(d_branch))
         d_branch = c["conv1"].backward(d_branch)
-        d_orig = self.shortcut.backward(dy) if self.shortcut is not None else dy
+        d_orig = c["shortcut"].backward(dy) if self.has_shortcut else dy
         if self.activate_before_residual:
             # both paths started from the activated input: their gradients meet before BN+ReLU
-            return c["init_bn"].backward(self.relu1.backward(d_branch + d_orig))
+            return c["init_bn"].backward(c["relu1"].backward(d_branch + d_orig))
         # the branch went through BN+ReLU, the shortcut did not: they meet at the input
-        return c["init_bn"].backward(self.relu1.backward(d_branch)) + d_orig
+        return c["init_bn"].backward(c["relu1"].backward(d_branch)) + d_orig
 
 
 class WideResnetGroup(Layer):
@@ -116,8 +119,9 @@ class WideResnet(Layer):
                 cin, blocks_per_group, w, s, activate_before_residual=(g == 0), rng=rng)
             cin = w
         self.children["pre-pool-bn"] = BatchNorm(cin)
+        self.children["relu"] = ReLU()
+        self.children["pool"] = GlobalAvgPool()
         self.children["Dense_3"] = Dense(cin, num_outputs, rng)
-        self.relu, self.pool = ReLU(), GlobalAvgPool()
 
     def forward(self, x, train=True):
         cin = self.config["in_channels"]
@@ -131,19 +135,19 @@ class WideResnet(Layer):
         x = c["init_conv"].forward(x, train)
         for g in range(3):
             x = c[f"WideResnetGroup_{g}"].forward(x, train)
-        x = self.relu.forward(c["pre-pool-bn"].forward(x, train))
-        return c["Dense_3"].forward(self.pool.forward(x), train)
+        x = c["relu"].forward(c["pre-pool-bn"].forward(x, train))
+        return c["Dense_3"].forward(c["pool"].forward(x), train)
 
     def backward(self, dlogits):
         c = self.children
-        d = self.pool.backward(c["Dense_3"].backward(dlogits))
-        d = c["pre-pool-bn"].backward(self.relu.backward(d))
+        d = c["pool"].backward(c["Dense_3"].backward(dlogits))
+        d = c["pre-pool-bn"].backward(c["relu"].backward(d))
         for g in reversed(range(3)):
             d = c[f"WideResnetGroup_{g}"].backward(d)
         return c["init_conv"].backward(d)
 
 
-PRESETS = {"wrn16_4": (2, 4), "wrn16_8": (2, 8), "wrn28_10": (4, 10)}
+WRN_PRESETS = {"wrn16_4": (2, 4), "wrn16_8": (2, 8), "wrn28_10": (4, 10)}
 
 
 def parse_wrn_name(name: str):
@@ -153,7 +157,7 @@ def parse_wrn_name(name: str):
         depth, k = int(m.group(1)), int(m.group(2))
         if depth >= 10 and (depth - 4) % 6 == 0 and k >= 1:
             return (depth - 4) // 6, k
-    raise ValueError(f"unknown model {name!r}: expected one of {sorted(PRESETS)} or "
+    raise ValueError(f"unknown model {name!r}: expected one of {sorted(WRN_PRESETS)} or "
                      "'wrn<depth>_<width>' with depth = 6*n + 4 (10, 16, 22, 28, ...)")
 
 

@@ -18,11 +18,10 @@ and 1 after, not 1 and 1.
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
-from ..backend import DTYPE, get_xp
+from ..backend import DTYPE, get_xp, reusable_buffer, workspace
 from .layer import Layer
 
 
@@ -115,27 +114,6 @@ def variance_scaling_fan_out(rng, shape, scale=2.0):
     return (z * std).astype(DTYPE)
 
 
-_local = threading.local()  # per-thread scratch space, freed when the thread ends
-
-
-def _buffer(owner: dict, key, shape, like):
-    """A reusable array of `shape` (kept in `owner[key]`): big arrays allocated anew every
-    step cost page faults that can take longer than the matrix multiply that fills them."""
-    xp = get_xp(like)
-    buf = owner.get(key)
-    if buf is None or buf.shape != shape or buf.dtype != like.dtype or get_xp(buf) is not xp:
-        buf = owner[key] = xp.empty(shape, like.dtype)
-    return buf
-
-
-def _workspace(shape, like):
-    """A scratch buffer shared by all Conv layers of this thread (used and released within
-    one call, so layers can share it; threads cannot)."""
-    if not hasattr(_local, "buffers"):
-        _local.buffers = {}
-    return _buffer(_local.buffers, (shape, str(like.dtype), get_xp(like).__name__), shape, like)
-
-
 class Conv(Layer):
     """``flax.nn.Conv(features, (k, k), strides, padding='SAME', bias=False)`` by im2col + GEMM."""
 
@@ -153,7 +131,7 @@ class Conv(Layer):
         kh, kw, cin, cout = k.shape
         xpad, self.pads, oh, ow = _pad_same(x, kh, kw, self.stride)
         self.x_shape, self.xpad_shape = x.shape, xpad.shape
-        cols = _buffer(self._buffers, "cols", (x.shape[0], oh, ow, kh, kw, cin), x)
+        cols = reusable_buffer(self._buffers, "cols", (x.shape[0], oh, ow, kh, kw, cin), x)
         self.cols = im2col(xpad, kh, kw, self.stride, oh, ow, cols).reshape(-1, kh * kw * cin)
         y = self.cols @ k.reshape(-1, cout)
         return y.reshape(x.shape[0], oh, ow, cout)
@@ -167,7 +145,7 @@ class Conv(Layer):
         self.cols = None  # the buffer stays for the next step; the reference goes
         if self.stride == 1:
             return self._input_grad_as_conv(dy)
-        dcols = _workspace((n * oh * ow, kh * kw * cin), dy)
+        dcols = workspace((n * oh * ow, kh * kw * cin), dy)
         get_xp(dy).matmul(dy2, k.reshape(-1, cout).T, out=dcols)
         dxpad = col2im(dcols.reshape(n, oh, ow, kh, kw, cin), self.xpad_shape, self.stride)
         top, _, left, _ = self.pads
@@ -186,5 +164,5 @@ class Conv(Layer):
         dypad = get_xp(dy).pad(dy, ((0, 0), (kh - 1 - top, kh - 1 - bottom),
                                     (kw - 1 - left, kw - 1 - right), (0, 0)))
         flipped = k[::-1, ::-1].transpose(0, 1, 3, 2).reshape(-1, cin)
-        cols = im2col(dypad, kh, kw, 1, h, w, _workspace((n, h, w, kh, kw, cout), dy))
+        cols = im2col(dypad, kh, kw, 1, h, w, workspace((n, h, w, kh, kw, cout), dy))
         return (cols.reshape(-1, kh * kw * cout) @ flipped).reshape(n, h, w, cin)

@@ -6,6 +6,8 @@ will need (the cs231n "cache"); ``backward(dy)`` takes dL/dy, writes dL/dparam i
 WideResnet) hold their sub-layers in ``self.children`` under their flax names and spell
 out their own backward; the flat, flax-style parameter paths
 (``"WideResnetGroup_0/WideResnetBlock_0/conv1/kernel"``) come from walking that tree.
+Parameterless layers (ReLUs, pools, the shortcut) are children too, so ``named_layers()``
+reaches every layer; they add no keys to the parameter dicts.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ class Layer:
         self.params: dict = {}    # trainable arrays, local names ("kernel", "scale", ...)
         self.grads: dict = {}     # same keys as params, filled by backward
         self.state: dict = {}     # non-trainable arrays (batch-norm running statistics)
-        self.children: dict[str, Layer] = {}  # sub-layers with params/state, by flax name
+        self.children: dict[str, Layer] = {}  # sub-layers, by flax name where flax has one
 
     def forward(self, x, train: bool = True):
         raise NotImplementedError
@@ -24,6 +26,12 @@ class Layer:
         raise NotImplementedError
 
     # -- flat dicts of the whole tree, keyed by flax paths ------------------------------
+    def named_layers(self):
+        """(path, layer) for this layer ("") and every layer below it, parents first,
+        e.g. ("WideResnetGroup_2/WideResnetBlock_0/relu1", ReLU)."""
+        for prefix, layer in self._walk():
+            yield prefix.rstrip("/"), layer
+
     def _walk(self, prefix=""):
         yield prefix, self
         for name, child in self.children.items():

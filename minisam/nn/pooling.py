@@ -41,18 +41,18 @@ class Shortcut(Layer):
 
     def __init__(self, stride, out_channels):
         super().__init__()
-        self.pool = AvgPool(stride)
+        self.children["pool"] = AvgPool(stride)
         self.out_channels = out_channels
 
     def forward(self, x, train=True):
-        xp = get_xp(x)
+        xp, pool = get_xp(x), self.children["pool"]
         self.in_channels = x.shape[-1]
-        y = self.pool.forward(x) if self.pool.s > 1 else x
+        y = pool.forward(x) if pool.s > 1 else x
         return xp.pad(y, ((0, 0), (0, 0), (0, 0), (0, self.out_channels - self.in_channels)))
 
     def backward(self, dy):
-        dy = dy[..., :self.in_channels]
-        return self.pool.backward(dy) if self.pool.s > 1 else dy
+        dy, pool = dy[..., :self.in_channels], self.children["pool"]
+        return pool.backward(dy) if pool.s > 1 else dy
 
 
 class GlobalAvgPool(Layer):

@@ -1,0 +1,141 @@
+"""``TrainConfig``: everything that determines a training run, validated once.
+
+Saved in every run directory's config.json and in every checkpoint; ``minisam train``'s
+flags are its fields (the CLI reads the field list, defaults and choices from here).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+from .backend import DEVICES
+from .data import DATASETS, SOURCES, Augment, default_augment
+from .models import parse_wrn_name
+from .sam import SAMConfig
+
+SCHEDULES = ("cosine", "constant")
+SMALL_DATASET_MODEL = "wrn10_2"   # the CLI's model for digits and synthetic
+SAM_FIELDS = tuple(f.name for f in dataclasses.fields(SAMConfig))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run.
+
+    Defaults follow the JAX code's flags where it has them (lr 0.1, clipping 5.0, momentum
+    0.9, cosine schedule, basic augmentation) and the paper's WRN settings otherwise
+    (weight decay 5e-4; the JAX flag default is 1e-3). The SAM fields (rho, weight_decay,
+    label_smoothing, gradient_clipping, momentum, sync_perturbations) are those of
+    ``SAMConfig`` and are validated by building it.
+    """
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    data_source: str = "auto"          # CIFAR: "auto", "archive" or "tfds"
+    image_size: int | None = None      # digits only (default 16)
+    validation: bool = False           # evaluate on the last 10% of train instead of test
+    model: str = "wrn28_10"
+    epochs: int = 200
+    batch_size: int = 128              # global batch, split evenly over replicas
+    lr: float = 0.1
+    schedule: str = "cosine"           # or "constant"
+    weight_decay: float = 5e-4
+    rho: float = 0.05                  # 0 = SGD
+    label_smoothing: float = 0.0
+    gradient_clipping: float = 5.0     # 0 disables
+    momentum: float = 0.9
+    sync_perturbations: bool = False
+    crop: int | None = None            # reflect padding before the crop; None: dataset default
+    flip: bool | None = None           # None: dataset default
+    cutout: int = 0                    # side of the cutout square (JAX: 16); 0 = off
+    label_noise: float = 0.0           # symmetric noise on the training labels
+    seed: int = 0
+    replicas: int = 1
+    device: str = "cpu"
+    eval_batch_size: int | None = None  # None: batch_size
+
+    def __post_init__(self):
+        def bad(name, what):
+            raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        def integer(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        for name, choices in (("dataset", DATASETS), ("data_source", SOURCES),
+                              ("schedule", SCHEDULES), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name.replace('_', ' ')} {getattr(self, name)!r}; "
+                                 f"expected one of {choices}")
+        if not isinstance(self.model, str):
+            bad("model", "a model name such as 'wrn28_10'")
+        parse_wrn_name(self.model)  # ValueError with the accepted names
+        self.sam_config()           # rho, weight decay, smoothing, clipping, momentum, sync
+        for name in ("epochs", "batch_size", "replicas"):
+            if not integer(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "a positive integer")
+        if self.eval_batch_size is not None and (not integer(self.eval_batch_size)
+                                                 or self.eval_batch_size < 1):
+            bad("eval_batch_size", "a positive integer or None")
+        if self.batch_size % self.replicas:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by replicas="
+                             f"{self.replicas}; each replica takes batch_size / replicas "
+                             "examples, so pick a multiple of the replica count")
+        if not (_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", "a positive finite number")
+        if not (_real(self.label_noise) and 0 <= self.label_noise <= 1):
+            bad("label_noise", "in [0, 1]")
+        if not integer(self.cutout) or self.cutout < 0:
+            bad("cutout", "a non-negative integer")
+        for name in ("crop", "image_size"):
+            v = getattr(self, name)
+            if v is not None and (not integer(v) or v < 0):
+                bad(name, "a non-negative integer or None")
+        for name in ("validation", "flip"):
+            v = getattr(self, name)
+            if not (isinstance(v, bool) or (name == "flip" and v is None)):
+                bad(name, "True or False" + (" or None" if name == "flip" else ""))
+        if not integer(self.seed) or not 0 <= self.seed < 2 ** 32:
+            bad("seed", "an integer in [0, 2**32)")
+
+    def sam_config(self) -> SAMConfig:
+        """The SAM step's settings (``sam.SAMConfig``), which validates them."""
+        return SAMConfig(**{name: getattr(self, name) for name in SAM_FIELDS})
+
+    def augment(self) -> Augment:
+        """The dataset's basic augmentation (``data.default_augment`` without cutout: the
+        JAX code's ``image_level_augmentations='basic'``, ``batch_level='none'``), with the
+        crop/flip overrides, plus cutout of side ``cutout`` if > 0."""
+        base = default_augment(self.dataset, cutout_size=0)
+        return Augment(crop_pad=base.crop_pad if self.crop is None else self.crop,
+                       flip=base.flip if self.flip is None else self.flip, cutout=self.cutout)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def resume_conflicts(saved: TrainConfig, given: dict) -> str | None:
+    """None if every field in ``given`` agrees with the saved config, else one sentence
+    naming the fields that differ (a resumed run continues with its saved config)."""
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; expected some of {list(FIELDS)}")
+    diffs = [f"{k} (saved {getattr(saved, k)!r}, given {v!r})" for k, v in given.items()
+             if getattr(saved, k) != v]
+    if not diffs:
+        return None
+    return ("a resumed run continues with its saved config, and these fields differ: "
+            + ", ".join(diffs) + "; drop them, or start a new run in another directory")

@@ -1,0 +1,77 @@
+"""Data parallelism: how replicas of the per-replica train step talk to each other.
+
+The train step is SPMD, like the JAX code under ``jax.pmap(axis_name='batch')``: every
+replica runs the same function on its slice of the batch and calls
+``comm.allreduce_mean(tree)`` where the JAX code calls ``jax.lax.pmean(tree, 'batch')``.
+A tree is a flat dict of arrays (parameters, gradients, BN state).
+
+* ``local``: ``LocalComm`` (one replica), ``ThreadComm`` (N replicas as threads of one
+  process, on the CPU), ``ReplicaThreads`` / ``run_replicas`` (run a function on them);
+* ``flat``: packing a tree into a few contiguous buffers (one NCCL call per buffer);
+* ``nccl``: ``NcclComm``, one process per GPU over NCCL;
+* ``rendezvous``: the TCP store through which the processes of a job find each other;
+* ``launch``: ``python -m minisam.launch``, one process per GPU;
+* ``replicas``: ``Replicas``, the topology of one training run as the trainer sees it;
+* ``env``: the variables a launcher sets (RANK, WORLD_SIZE, ...).
+
+Importing this package (or ``local``) loads no NCCL and no socket code: ``sam.py`` sees a
+communicator only through the contract below.
+"""
+from __future__ import annotations
+
+import os
+from typing import Protocol, runtime_checkable
+
+from .env import LOCAL_RANK, MASTER_PORT, RANK, WORLD_SIZE, world_size
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What the train step and the trainer ask of a communicator.
+
+    ``rank`` in [0, size). Collectives must be called by every rank, in the same order,
+    with trees of the same keys, shapes and dtypes; results have the caller's keys in the
+    caller's order."""
+
+    rank: int
+    size: int
+
+    def allreduce_mean(self, tree: dict) -> dict:
+        """The mean over ranks of every array (``lax.pmean(tree, 'batch')``)."""
+
+    def broadcast(self, tree: dict, root: int = 0) -> dict:
+        """Rank ``root``'s arrays, on every rank."""
+
+    def barrier(self) -> None:
+        """Return once every rank has reached here."""
+
+    def close(self) -> None:
+        """Release what the communicator holds."""
+
+
+def comm_from_env(device: str = "gpu", nccl: bool | None = None, env=None, **kwargs):
+    """The communicator for this process.
+
+    ``nccl=None`` (auto): an ``NcclComm`` built from the environment when it says
+    ``WORLD_SIZE > 1`` (as set by ``python -m minisam.launch``), else ``LocalComm()``.
+    ``nccl=True`` forces an NcclComm (even for one process), ``nccl=False`` forces
+    ``LocalComm``. Multi-process runs need ``device='gpu'``: on the CPU, use thread
+    replicas. ``kwargs`` go to ``NcclComm``."""
+    from .local import LocalComm
+    env = os.environ if env is None else env
+    world = world_size(env)
+    use_nccl = world > 1 if nccl is None else bool(nccl)
+    if not use_nccl:
+        if world > 1:
+            raise ValueError(f"WORLD_SIZE={world} but NCCL was turned off; one process cannot "
+                             "stand for several ranks")
+        return LocalComm()
+    if device != "gpu":
+        raise ValueError(f"multi-process data parallelism (WORLD_SIZE={world}) runs on GPUs "
+                         "with NCCL; use --device gpu, or thread replicas on the CPU")
+    from .nccl import NcclComm
+    if RANK not in env and world == 1:   # forced NCCL for a lone process: fill in defaults
+        from .rendezvous import free_port
+        env = dict(env, **{RANK: "0", WORLD_SIZE: "1", LOCAL_RANK: "0",
+                           MASTER_PORT: env.get(MASTER_PORT) or str(free_port())})
+    return NcclComm.from_env(env, **kwargs)
