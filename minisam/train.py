@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -121,7 +121,7 @@ class Trainer:
             if config.replicas != 1:
                 raise ValueError(f"config.replicas={config.replicas} but the communicator has "
                                  f"{comm.size} ranks; they must agree")
-            config = TrainConfig.from_dict(dict(asdict(config), replicas=comm.size))
+            config = replace(config, replicas=comm.size)
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
             raise ValueError(f"max_steps must be a non-negative integer or None, got {max_steps!r}")
         xp_for(config.device)  # fail early if the GPU is unusable

@@ -188,3 +188,27 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # a second demo replaces its own previous runs
     code, out, err = run_main(capsys, ["demo", "--quick", "--out", out_dir, "--no-progress"])
     assert code == 0, err
+
+
+def test_eval_command_and_trainer_share_one_evaluation(tmp_path, capsys):
+    """`minisam eval` prints what the Trainer's evaluation gives for the same checkpoint."""
+    from minisam.rundir import load_checkpoint as load
+    from minisam.train import Trainer
+    run = str(tmp_path / "run")
+    code, out, err = run_main(capsys, ["train", "--dataset", "digits", "--image-size", "8",
+                                       "--epochs", "1", "--replicas", "2", "--out", run, *TINY])
+    assert code == 0, err
+    tr = Trainer(None, run, resume=True, progress=False)
+    want = tr.evaluate()
+    assert want["error_rate"] == pytest.approx(load(run).meta["last_record"]["test_error_rate"])
+    for bs in ("7", "500"):
+        code, out, err = run_main(capsys, ["eval", run, "--batch-size", bs])
+        assert code == 0, err
+        assert f"loss {want['loss']:.4f}, error {want['error_rate']:.2%}" in out
+
+
+def test_every_command_has_help_that_exits_0(capsys):
+    for cmd in ("demo", "train", "eval", "plot", "verify", "bench"):
+        code, out, _ = run_main(capsys, [cmd, "--help"])
+        assert code == 0 and "usage: minisam " + cmd in out
+        assert "%%" not in out, cmd

@@ -133,3 +133,29 @@ def test_gpu_batches_match_cpu():
         assert isinstance(xg, cp.ndarray) and isinstance(yg, cp.ndarray)
         np.testing.assert_array_equal(cp.asnumpy(xg), xc)
         np.testing.assert_array_equal(cp.asnumpy(yg), yc)
+
+
+@pytest.mark.parametrize("aug", [Augment(crop_pad=2, flip=True, cutout=3),
+                                 Augment(crop_pad=1, flip=False, cutout=4, cutout_per_image=True),
+                                 None])
+def test_shards_build_only_their_rows_and_equal_the_batch_slices(aug):
+    """One process per replica gathers, uploads and augments only its own rows, with the
+    augmentation drawn for the whole global batch: bitwise the slice of the whole batch."""
+    rng = np.random.default_rng(0)     # textured images, so a misplaced flip or crop shows
+    ds = Dataset(rng.standard_normal((100, 6, 6, 3)).astype(np.float32), np.arange(100) % 5,
+                 5, "noise")
+    loader = Loader(ds, 32, seed=3, augment=aug, replicas=4)
+    whole = Loader(ds, 32, seed=3, augment=aug).batch(1, 2)
+    for ranks in ([0, 1, 2, 3], [2], [3, 1]):
+        shards = loader.shards(1, 2, ranks)
+        assert isinstance(shards, list) and len(shards) == len(ranks)
+        for r, (x, y) in zip(ranks, shards):
+            np.testing.assert_array_equal(x, whole[0][8 * r:8 * r + 8])
+            np.testing.assert_array_equal(y, whole[1][8 * r:8 * r + 8])
+    assert len(Loader(ds, 32, seed=3, augment=aug).shards(0, 0, [0])) == 1   # same container
+    with pytest.raises(IndexError, match="replica 4 out of range"):
+        loader.shards(0, 0, [4])
+    with pytest.raises(ValueError, match="eval loader"):
+        Loader(ds, 32, train=False).shards(0, 0, [0])
+    with pytest.raises(TypeError, match="Augment or None"):
+        Loader(ds, 32, augment=lambda x, rng: x)

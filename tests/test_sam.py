@@ -127,3 +127,24 @@ def test_bad_config_raises():
     with pytest.raises(ValueError, match="label_smoothing"):
         SAMConfig(label_smoothing=1.5)
     assert LocalComm().allreduce_mean({"a": 1})["a"] == 1
+
+
+def test_sam_config_is_the_one_validation_of_the_sam_fields():
+    """TrainConfig validates its SAM fields by building a SAMConfig, so both reject the
+    same values with the same message."""
+    import pytest
+    from minisam.config import TrainConfig
+    for bad, kind, needle in ((dict(rho=float("inf")), ValueError, "rho must be >= 0 and finite"),
+                              (dict(weight_decay=-1e-4), ValueError, "weight_decay must be >= 0"),
+                              (dict(gradient_clipping=float("nan")), ValueError, "finite"),
+                              (dict(label_smoothing=1.0), ValueError, "label_smoothing must be in"),
+                              (dict(momentum=float("nan")), ValueError, "momentum must be in"),
+                              (dict(rho="0.1"), TypeError, "rho must be a number"),
+                              (dict(rho=True), TypeError, "rho must be a number"),
+                              (dict(sync_perturbations="no"), TypeError, "True or False")):
+        with pytest.raises(kind, match=needle):
+            SAMConfig(**bad)
+        with pytest.raises(kind, match=needle):
+            TrainConfig(dataset="digits", model="wrn10_1", **bad)
+    cfg = TrainConfig(dataset="digits", model="wrn10_1", rho=0.2, momentum=0.8)
+    assert cfg.sam_config() == SAMConfig(rho=0.2, weight_decay=5e-4, momentum=0.8)

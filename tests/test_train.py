@@ -271,3 +271,44 @@ def test_in_memory_run_and_evaluate():
     ev = tr.evaluate()
     assert ev["error_rate"] == pytest.approx(rec["test_error_rate"])
     assert tr.evaluate(tr.clean_train)["error_rate"] < tr.evaluate(tr.train_data)["error_rate"]
+
+
+def test_one_replica_path_threads_made_once_and_ranks_build_only_their_rows(tmp_path,
+                                                                              monkeypatch):
+    """The topology is decided once: a Trainer with thread replicas makes its threads once
+    (not one per step), and a process that is one rank of a communicator asks the loader
+    for its own shard only."""
+    from minisam.data import Loader
+    from minisam.distributed import local
+    made, asked = [], []
+    real_init, real_shards = local.ReplicaThreads.__init__, Loader.shards
+
+    def counting_init(self, size):
+        made.append(size)
+        real_init(self, size)
+
+    def recording_shards(self, epoch, step, ranks):
+        asked.append(list(ranks))
+        return real_shards(self, epoch, step, ranks)
+    monkeypatch.setattr(local.ReplicaThreads, "__init__", counting_init)
+    monkeypatch.setattr(Loader, "shards", recording_shards)
+    tr = Trainer(small(epochs=2, replicas=2), None, progress=False)
+    tr.fit()
+    assert made == [2] and len(asked) == 2 * tr.steps_per_epoch and asked[0] == [0, 1]
+    asked.clear()
+    run_replicas(2, lambda r, comm: Trainer(small(epochs=1, replicas=2), None, comm=comm,
+                                            progress=False).fit())
+    assert sorted(map(tuple, asked))[:2] == [(0,), (0,)] and sorted(map(tuple, asked))[-1] == (1,)
+    assert all(len(a) == 1 for a in asked)
+
+
+def test_cli_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    from minisam import rundir
+    from minisam.cli import main
+    run = str(tmp_path / "run")
+    assert main(_cli("--out", run, "--max-steps", "3", "--epochs", "1")[3:]) == 0
+    loads = []
+    real = rundir.load_checkpoint
+    monkeypatch.setattr(rundir, "load_checkpoint", lambda p: loads.append(p) or real(p))
+    assert main(["train", "--resume", "--out", run, "--no-progress"]) == 0
+    assert len(loads) == 1
