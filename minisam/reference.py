@@ -318,6 +318,7 @@ def format_summary(rows) -> str:
     """One line: PASS or FAIL, and the worst relative error on values and on gradients."""
     worst = {tol: max((r.max_rel for r in rows if r.kind == "rel" and r.tol == tol),
                       default=0.0) for tol in (VALUE_RTOL, GRAD_RTOL)}
+    tol = {t: f"{t:.0e}".replace("e-0", "e-") for t in worst}   # 1e-5, not 1e-05
     return (f"-> {'PASS' if all(r.ok for r in rows) else 'FAIL'}: max rel err "
-            f"{worst[VALUE_RTOL]:.2e} on values (tol {VALUE_RTOL:g}), {worst[GRAD_RTOL]:.2e} "
-            f"on gradients/params/state (tol {GRAD_RTOL:g})")
+            f"{worst[VALUE_RTOL]:.2e} on values (tol {tol[VALUE_RTOL]}), {worst[GRAD_RTOL]:.2e} "
+            f"on gradients/params/state (tol {tol[GRAD_RTOL]})")
