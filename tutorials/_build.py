@@ -1077,21 +1077,12 @@ points a few ulps apart) can put it on different sides. The forward values then 
 size of that input, $10^{-6}$, invisible in the logits; but one gradient entry flows in one
 computation and not in the other, and everything upstream of it in the backward pass differs.
 
-To find such inputs, record every ReLU's input during the perturbed pass. The ReLUs of a block
-live on the block as `relu1`/`relu2` (they hold no parameters, so they are not among the
-layer's `children`); we wrap each one's `forward` to keep its input, at our $w+\hat\epsilon$, at
-JAX's, and at ours in float64:
+To find such inputs, record every ReLU's input during the perturbed pass. The ReLUs are
+children like any other layer (a block's are `relu1`/`relu2`), so `model.named_layers()`, which
+walks every layer with its path, finds them all; we wrap each one's `forward` to keep its input,
+at our $w+\hat\epsilon$, at JAX's, and at ours in float64:
 """))
     c.append(code('''
-def relus(layer, prefix=""):
-    """(path, ReLU) for every ReLU in the model, e.g. 'WideResnetGroup_2/WideResnetBlock_0/relu1'."""
-    for name, v in vars(layer).items():
-        if isinstance(v, ReLU):
-            yield prefix + name, v
-    for name, child in layer.children.items():
-        yield from relus(child, f"{prefix}{name}/")
-
-
 def record_relu_inputs(model, weights):
     """Run one train-mode forward pass at `weights`; return {relu path: its input}."""
     seen = {}
@@ -1102,7 +1093,8 @@ def record_relu_inputs(model, weights):
             return forward(x, train)
         return wrapped
 
-    patched = list(relus(model))
+    patched = [(path, layer) for path, layer in model.named_layers() if isinstance(layer, ReLU)]
+    # paths like 'WideResnetGroup_2/WideResnetBlock_0/relu1'
     for path, relu in patched:
         relu.forward = recorder(path, relu.forward)   # an instance attribute hides the method
     try:
@@ -1138,7 +1130,7 @@ right after its forward pass:
 def force_relu_entry(model, path, flat, passes, on_call=0):
     """Make ReLU `path` pass (or block) the gradient of input element `flat` on its
     `on_call`-th forward call from now (0 = the next one). Returns a function that undoes it."""
-    relu = dict(relus(model))[path]
+    relu = dict(model.named_layers())[path]
     original, calls = relu.forward, [0]
 
     def forward(x, train=True):

@@ -88,11 +88,12 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from minisam.backend import gpu_available, to_device
+from minisam.config import TrainConfig
 from minisam.data import load_dataset
 from minisam.plots import plot_comparison
 from minisam.sharpness import (BatchLoss, filter_normalized_direction, loss_slice_1d,
                                loss_surface_2d, top_hessian_eigenvalue)
-from minisam.train import TrainConfig, Trainer
+from minisam.train import Trainer
 
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 ''' + SHOW_PNG))
@@ -475,14 +476,16 @@ import time
 import numpy as np
 import matplotlib.pyplot as plt
 
+from minisam.config import TrainConfig
 from minisam.data import load_dataset
+from minisam.distributed.flat import flatten, plan_layout, unflatten
+from minisam.distributed.local import run_replicas
 from minisam.models import WideResnet, wide_resnet
 from minisam.optim import cosine_schedule, global_norm, nesterov_init
-from minisam.parallel import flatten, plan_layout, run_replicas, unflatten
 from minisam.reference import format_rows, load_case, verify
 from minisam.sam import SAMConfig, train_step
 from minisam.sharpness import m_sharpness
-from minisam.train import TrainConfig, Trainer
+from minisam.train import Trainer
 
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 '''))
@@ -494,10 +497,11 @@ plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 shape split into two replicas of 8, one SAM step with $\rho = 0.05$, run once with
 `sync_perturbations=False` and once with `True`, every intermediate value saved per replica.
 
-In minisam the replicas are threads. `run_replicas(R, fn)` starts $R$ threads, hands each
-its rank and a `ThreadComm` handle, and `train_step` calls `comm.allreduce_mean(...)` where
-the JAX code calls `jax.lax.pmean(..., 'batch')`. Here are the lines of the step around the
-perturbation; the two `comm.allreduce_mean` calls are the only places where replicas talk:
+In minisam the replicas are threads. `run_replicas(R, fn)` runs `fn` on $R$ thread replicas
+(rank 0 in the calling thread), hands each its rank and a `ThreadComm` handle, and
+`train_step` calls `comm.allreduce_mean(...)` where the JAX code calls
+`jax.lax.pmean(..., 'batch')`. Here are the lines of the step around the perturbation; the
+two `comm.allreduce_mean` calls are the only places where replicas talk:
 """))
     c.append(code(r'''
 import inspect
@@ -931,10 +935,11 @@ import time
 import numpy as np
 import matplotlib.pyplot as plt
 
+from minisam.config import TrainConfig
 from minisam.data import load_dataset
 from minisam.sam import eval_step
 from minisam.sharpness import BatchLoss, top_hessian_eigenvalue
-from minisam.train import TrainConfig, Trainer
+from minisam.train import Trainer
 
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 
