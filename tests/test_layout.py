@@ -230,3 +230,29 @@ def test_two_replicas_on_the_same_shard_equal_one_replica_bitwise(sync):
         for k, v in alone[part].items():
             np.testing.assert_array_equal(pair[0][part][k], v, err_msg=k)
             np.testing.assert_array_equal(pair[1][part][k], v, err_msg=k)
+
+
+def test_ctrl_c_while_the_caller_waits_stops_the_other_replicas_and_keeps_them_usable():
+    """SIGINT reaching the caller while it waits for replica 1 must not leave replica 1 stuck
+    in a collective (the next step would then hang): it is stopped and collected first."""
+    import signal
+    import time
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    main = threading.main_thread().ident
+    try:
+        with ReplicaThreads(2) as rt:
+            def fn(r, comm):
+                if r == 1:
+                    signal.pthread_kill(main, signal.SIGINT)   # Ctrl-C, while rank 0 waits
+                    time.sleep(0.2)
+                    comm.barrier()                             # rank 0 never comes
+                return r
+            with pytest.raises(KeyboardInterrupt):
+                rt.run(fn)
+            done = []
+            t = threading.Thread(target=lambda: done.append(rt.run(lambda r, comm: r)))
+            t.start()
+            t.join(10)
+            assert done == [[0, 1]]
+    finally:
+        signal.signal(signal.SIGINT, old)

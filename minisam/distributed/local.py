@@ -130,7 +130,13 @@ class ReplicaThreads:
             errors[0] = e
             self.group.abort()
         for r in range(1, self.size):
-            results[r], errors[r] = self._done[r].get()
+            while True:
+                try:
+                    results[r], errors[r] = self._done[r].get()
+                    break
+                except BaseException as e:  # noqa: BLE001 - Ctrl-C while waiting: stop the
+                    errors[0] = errors[0] or e  # others at their next collective, keep waiting
+                    self.group.abort()
         if any(e is not None for e in errors):
             self.group.reset()
             broken = threading.BrokenBarrierError
@@ -139,6 +145,7 @@ class ReplicaThreads:
         return results
 
     def close(self):
+        self.group.abort()             # a replica stuck in a collective gets out of it
         for r in range(1, self.size):
             self._jobs[r].put(None)
         for t in self._threads:
