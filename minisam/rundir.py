@@ -6,9 +6,10 @@
                      own BN state (for exact resume), and the JSON metadata (``__meta__``)
     checkpoint.json  a readable copy of that metadata
 
-Every file is written atomically (a temporary file, fsynced, then ``os.replace``d), so a
-crash at any moment leaves the previous version loadable and at most a stray ``.tmp-*``
-file, which ``remove_temporaries`` clears when the run is resumed.
+config.json and the checkpoint files are written atomically (a temporary file, fsynced, then
+``os.replace``d), so a crash at any moment leaves the previous version loadable and at most
+a stray ``.tmp-*`` file; metrics.jsonl is appended one line per epoch (a torn last line is
+skipped on reading). ``rewind`` clears both kinds of leftover when a run is resumed.
 """
 from __future__ import annotations
 
