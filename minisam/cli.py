@@ -306,33 +306,47 @@ def _demo_parser(sub):
 
 def cmd_verify(args) -> int:
     from .backend import xp_for
-    from .reference import describe_tie, format_rows, format_summary, verify
+    from .reference import format_rows, format_summary
+    from .ties import describe_tie
+    from .verify import format_steps, verify_case
     xp_for(args.device)  # fail early and clearly if the GPU is unusable
     failed = False
     for case in args.cases:
-        rows, ties = verify(case, args.device, resolve_ties=not args.no_ties)
-        print(f"== {case}  (device: {args.device})")
-        print(format_rows(rows))
-        for site, value in ties:
+        report = verify_case(case, args.device, resolve_ties=not args.no_ties)
+        print(f"== {case}  (device: {args.device}; every step from the reference's state "
+              "after the step before)")
+        print(format_rows(report.rows))
+        for site, value in report.ties:
             print(f"   float32 tie set to the reference's side: {describe_tie(site, value)}")
-        print(format_summary(rows) + "\n")
-        failed |= not all(r.ok for r in rows)
+        if args.float64:
+            print("-- the same steps in float64, against the float32 reference:")
+            print(format_rows(report.rows64))
+        print("-- max rel err per step, values / gradients, params, momentum, BN state:")
+        print(format_steps(report))
+        print(format_summary(report.rows) + "\n")
+        failed |= not report.ok
     return 1 if failed else 0
 
 
 def _verify_parser(sub):
     v = sub.add_parser(
         "verify", help="compare minisam with a reference case from the original JAX code",
-        description="Rebuild a reference case (NAME.npz + NAME.json manifest) from its config, "
-                    "run it and compare every key with the JAX numbers. Prints one row per key "
-                    "group and exits 1 if any group is outside tolerance.")
+        description="Rebuild a reference case (NAME.npz + NAME.json manifest) from its config "
+                    "and run every step from the reference's own state after the step before "
+                    "(step-wise), comparing every key with the JAX numbers; exits 1 if any key "
+                    "group is outside tolerance. Also prints, per step, the chained run (every "
+                    "step from our own previous state) and float64 runs of both kinds, which "
+                    "show how much float32 chaos the case has.")
     v.add_argument("cases", nargs="+", metavar="CASE.npz",
                    help="reference case(s), e.g. reference_results/wrn10x2_single.npz")
     v.add_argument("--device", choices=DEVICES, default="cpu",
                    help="run on the CPU (NumPy) or a GPU (CuPy); default cpu")
     v.add_argument("--no-ties", action="store_true",
-                   help="do not resolve float32 ReLU ties (inputs within ~1e-6 of zero whose "
-                        "side depends on rounding); show the raw comparison")
+                   help="do not resolve float32 ReLU ties (inputs within float32 noise of zero "
+                        "whose side depends on rounding); show the raw comparison")
+    v.add_argument("--float64", action="store_true",
+                   help="also print every key group of the float64 step-wise run against the "
+                        "float32 reference: what float32 noise alone looks like on this case")
     return v, cmd_verify
 
 

@@ -7,24 +7,26 @@ case is rebuilt from the manifest's ``config`` alone, so any manifest of this sc
 works: any WideResnet size, any number of replicas, synced or per-replica
 perturbations, rho, label smoothing, weight decay, clipping, schedule and step count.
 
-The error of a key is reported as max|ours - jax| (abs) and max|ours - jax| / max|jax|
-(rel: relative to the array's scale, so values near zero do not blow it up).
+``run_case`` runs it chained (every step from our own previous state) or step-wise (every
+step from the reference's own state after the step before); ``compare`` gives one row per
+key group. The error of a key is reported as max|ours - jax| (abs) and max|ours - jax| /
+max|jax| (rel: relative to the array's scale, so values near zero do not blow it up).
+``minisam.verify`` decides pass or fail and resolves float32 ties.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_device, to_numpy, tree_to_device
+from .backend import to_device, to_numpy
 from .models import WideResnet
 from .distributed.local import run_replicas
 from .optim import constant_schedule, cosine_schedule, nesterov_init
 from .sam import SAMConfig, eval_step, train_step
-from .tree import global_norm
+from .tree import global_norm, mean_in_rank_order
 
 REQUIRED_CONFIG = ("batch_size", "blocks_per_group", "channel_multiplier", "num_outputs",
                    "replicas", "sam_rho", "label_smoothing", "weight_decay",
@@ -73,115 +75,148 @@ def check_manifest(manifest: dict, where: str = "manifest"):
                          f"replicas {cfg['replicas']}")
 
 
-def _sync_modes(cfg):
+def sync_modes(cfg):
     s = cfg["sync_perturbations"]
     return [bool(v) for v in s] if isinstance(s, (list, tuple)) else [bool(s)]
 
 
-class _ReluTies:
-    """Records ReLU inputs that sit within float32 noise of the kink, and can flip their side.
-
-    A ReLU input of, say, -1e-6 is zero up to float32 rounding: JAX's rounding and ours
-    may put it on different sides, and then one gradient entry flows in one code and not
-    in the other. The forward values barely change, but the gradients differ at the 1e-2
-    level. These ties are facts about float32, not bugs; ``verify`` finds them and reports
-    the side the reference must have taken."""
-
-    def __init__(self, tol, flips=()):
-        self.tol, self.flips, self.found, self.where = tol, set(flips), [], None
-
-    def install(self, model, tag):
-        for path, relu in _all_relus(model):
-            relu.forward = self._wrap(relu, relu.forward, tag, path)
-
-    def _wrap(self, relu, forward, tag, i):
-        calls = {}
-
-        def wrapped(x, train=True):
-            y = forward(x, train)
-            key = (tag, self.where, i, calls.setdefault(self.where, 0))
-            calls[self.where] += 1
-            xn = to_numpy(x)
-            for flat in np.flatnonzero(np.abs(xn) <= self.tol * max(1.0, float(np.abs(xn).max()))):
-                site = key + (int(flat),)
-                self.found.append((site, float(xn.flat[flat])))
-                if site in self.flips:
-                    idx = np.unravel_index(flat, x.shape)
-                    relu.mask[idx] = ~relu.mask[idx]
-            return y
-        return wrapped
-
-
-def _all_relus(model):
-    """(path, ReLU) for every ReLU in the model, e.g. 'WideResnetGroup_2/WideResnetBlock_0/relu1'."""
-    from .nn import ReLU
-    return [(path, layer) for path, layer in model.named_layers() if isinstance(layer, ReLU)]
-
-
-def run_case(arrays: dict, manifest: dict, device: str = "cpu", ties: _ReluTies | None = None) -> dict:
+def run_case(arrays: dict, manifest: dict, device: str = "cpu", ties=None, *,
+             teacher: bool = False, steps=None, modes=None, dtype=np.float32,
+             all_replicas: bool = False, posted: dict | None = None,
+             alone: int | None = None) -> dict:
     """Rebuild the case from its config, run it, return {npz key: our value} (NumPy).
 
-    ``ties``, if given, records near-kink ReLU inputs and flips the ones it names."""
+    teacher:  False (chained): every step starts from our own previous step, as a run
+              would. True (step-wise, "teacher-forced"): step k starts from the reference's
+              parameters, momentum and per-replica BN state after step k-1, so every step
+              is an independent check of the whole SAM step.
+    steps, modes: run only these steps (teacher-forced, any subset; chained, 1..K) and
+              sync modes (default: all of the case).
+    dtype:    numpy.float64 runs the case in double precision from the same float32 start.
+    ties:     a ``ties.ReluTies`` that watches every ReLU (and flips the sites it names).
+    all_replicas: stack every key over replicas (default: only the manifest's
+              per-replica keys; the others are taken from replica 0).
+    posted, alone: ``posted`` (a dict) records the trees every replica posts to each
+              collective; a later run with ``alone=r`` and that record runs replica r only,
+              the others' trees replayed: bitwise the full run's result as long as what
+              changed in replica r reaches the others only through the last collective.
+              Per-replica keys then hold replica r's value alone."""
     cfg = manifest["config"]
     images, labels = arrays["input/images"], arrays["input/labels"].astype(np.int32)
-    R, B = int(cfg["replicas"]), int(cfg["batch_size"])
+    R, B, K = int(cfg["replicas"]), int(cfg["batch_size"]), int(cfg["num_steps"])
     if images.shape[0] != B:
         raise ValueError(f"input/images has {images.shape[0]} rows, config batch_size is {B}")
-    init_params = {k[len("init/params/"):]: v for k, v in arrays.items() if k.startswith("init/params/")}
-    init_state = {k[len("init/state/"):]: v for k, v in arrays.items() if k.startswith("init/state/")}
+    steps = list(range(1, K + 1)) if steps is None else sorted(steps)
+    if not teacher and steps != list(range(1, len(steps) + 1)):
+        raise ValueError(f"a chained run starts at step 1 and runs every step; got {steps}")
+    init = {p: _tree(arrays, f"init/{p}/") for p in ("params", "state")}
     schedule = (constant_schedule(cfg["learning_rate"]) if cfg.get("lr_schedule") == "constant"
                 else cosine_schedule(cfg["learning_rate"], cfg["num_epochs"], cfg["steps_per_epoch"]))
-    modes = _sync_modes(cfg)
     per_replica = set(manifest.get("per_replica_keys", []))
     has_prefix = any(k.startswith(("sync_true/", "sync_false/")) for k in arrays)
     out = {}
 
-    def replica(rank, comm, sync):
+    def start(prefix, step, rank):
+        """(params, state, momentum) a step-wise step starts from (numpy)."""
+        if step == 1:
+            return init["params"], init["state"], None
+        s = f"{prefix}step{step - 1}/"
+        state = _tree(arrays, s + "state/")
+        if R > 1 and f"{s}state/{next(iter(state))}" in per_replica:
+            state = {k: v[rank] for k, v in state.items()}
+        return _tree(arrays, s + "params/"), state, _tree(arrays, s + "momentum/")
+
+    def talk(comm, sync, step, rank):
+        if alone is not None:
+            return _Replay(rank, R, [posted[(sync, step, r)] for r in range(R)])
+        if posted is not None:
+            posted[(sync, step, rank)] = []
+            return _Recorded(comm, posted[(sync, step, rank)])
+        return comm
+
+    def replica(rank, comm, sync, prefix):
         b = B // R
-        x = to_device(images[rank * b:(rank + 1) * b], device)
+        x = to_device(images[rank * b:(rank + 1) * b], device, dtype)
         y = to_device(labels[rank * b:(rank + 1) * b], device)
         model = WideResnet(cfg["blocks_per_group"], cfg["channel_multiplier"], cfg["num_outputs"],
                            in_channels=images.shape[-1])
-        model.set_params(init_params)  # shapes checked against the config's architecture
+        model.set_params(init["params"])  # shapes checked against the config's architecture
         if ties is not None:
             ties.install(model, (sync, rank))
-        params, state = tree_to_device(init_params, device), tree_to_device(init_state, device)
-        momentum = nesterov_init(params)
         sam = SAMConfig(rho=cfg["sam_rho"], weight_decay=cfg["weight_decay"],
                         label_smoothing=cfg["label_smoothing"],
                         gradient_clipping=cfg["gradient_clipping"], sync_perturbations=sync)
-        res = {}
-        logits_eval, _ = eval_step(model, params, state, x, y)
-        res["init/logits_eval"] = logits_eval
-        res["init/weight_l2"] = sum((w * w).sum() for w in params.values())
-        for step in range(1, int(cfg["num_steps"]) + 1):
+        res, params = {}, None
+        for step in steps:
+            if params is None or teacher:
+                p0, s0, m0 = start(prefix, step, rank)
+                params, state = _on(p0, device, dtype), _on(s0, device, dtype)
+                momentum = nesterov_init(params) if m0 is None else _on(m0, device, dtype)
+            if step == 1:
+                if ties is not None:
+                    ties.set_step((sync, rank), None)
+                res["init/logits_eval"] = eval_step(model, params, state, x, y)[0]
+                res["init/weight_l2"] = sum((w * w).sum() for w in params.values())
             lr = schedule(step - 1)
             trace = {} if step == 1 else None
             if ties is not None:
-                ties.where = step
+                ties.set_step((sync, rank), step)
             params, state, momentum, metrics = train_step(
-                model, params, state, momentum, x, y, lr, sam, comm, trace)
+                model, params, state, momentum, x, y, lr, sam, talk(comm, sync, step, rank), trace)
             if trace is not None:
                 res.update(_trace_keys(trace, sam.rho > 0))
             s = f"step{step}/"
             res[s + "lr"] = np.float32(lr)
             res[s + "optimizer_step"] = np.int32(step)
             res.update({s + "metrics/" + k: v for k, v in metrics.items()})
-            res.update({s + "params/" + k: v for k, v in params.items()})
-            res.update({s + "momentum/" + k: v for k, v in momentum.items()})
-            res.update({s + "state/" + k: v for k, v in state.items()})
+            for part, tree in (("params", params), ("momentum", momentum), ("state", state)):
+                res.update({f"{s}{part}/{k}": v for k, v in tree.items()})
         return {k: to_numpy(v) for k, v in res.items()}
 
-    for sync in modes:
+    for sync in sync_modes(cfg) if modes is None else modes:
         prefix = f"sync_{str(sync).lower()}/" if has_prefix else ""
-        results = run_replicas(R, lambda rank, comm: replica(rank, comm, sync))
+        if alone is not None:
+            results = [replica(alone, None, sync, prefix)]
+        else:
+            results = run_replicas(R, lambda rank, comm: replica(rank, comm, sync, prefix))
         for k in results[0]:
             key = k if k.startswith("init/") else prefix + k
             if key in out:  # init/* is the same for every sync mode
                 continue
-            out[key] = (np.stack([r[k] for r in results]) if key in per_replica or
-                        (R > 1 and k.startswith("init/") and k in per_replica) else results[0][k])
+            stack = (all_replicas or key in per_replica) and alone is None
+            out[key] = np.stack([r[k] for r in results]) if stack else results[0][k]
     return out
+
+
+class _Recorded:
+    """A replica's communicator that also keeps every tree the replica posts."""
+
+    def __init__(self, comm, log: list):
+        self.comm, self.log, self.rank, self.size = comm, log, comm.rank, comm.size
+
+    def allreduce_mean(self, tree):
+        self.log.append(tree)
+        return self.comm.allreduce_mean(tree)
+
+
+class _Replay:
+    """A lone replica's communicator: the other replicas' trees come from a recording."""
+
+    def __init__(self, rank: int, size: int, logs: list):
+        self.rank, self.size, self.logs, self.calls = rank, size, logs, 0
+
+    def allreduce_mean(self, tree):
+        trees = [tree if r == self.rank else self.logs[r][self.calls] for r in range(self.size)]
+        self.calls += 1
+        return mean_in_rank_order([{k: t[k] for k in tree} for t in trees])
+
+
+def _tree(arrays: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def _on(tree: dict, device: str, dtype) -> dict:
+    return {k: to_device(v, device, dtype) for k, v in tree.items()}
 
 
 def _trace_keys(t: dict, sam: bool) -> dict:
@@ -255,54 +290,6 @@ def compare(arrays: dict, ours: dict, manifest: dict):
             kind, tol = "rel", VALUE_RTOL if last in VALUE_KEYS else GRAD_RTOL
         rows.append(Row(g, len(errs), max(e for e, _ in errs), max(r for _, r in errs), tol, kind))
     return rows
-
-
-TIE_TOL = 1e-6  # |relu input| <= TIE_TOL * max(1, max|input|) counts as a float32 tie
-
-
-def verify(npz_path: str, device: str = "cpu", resolve_ties: bool = True):
-    """Load, run and compare one case; returns (rows, ties flipped).
-
-    If a group fails and ``resolve_ties``, the ReLU inputs within float32 noise of zero
-    (ties) are tried on the other side of the kink, step by step and one at a time; a flip
-    is kept only if it cuts that step's error at least tenfold. The flips kept are
-    returned as [(site, value)] for the caller to print: nothing is hidden."""
-    arrays, manifest = load_case(npz_path)
-    ties = _ReluTies(TIE_TOL)
-    rows = compare(arrays, run_case(arrays, manifest, device, ties), manifest)
-    kept = []
-    if not resolve_ties:
-        return rows, kept
-    for step in range(1, int(manifest["config"]["num_steps"]) + 1):
-        score = _score(rows, step)
-        candidates = sorted((t for t in ties.found if t[0][1] == step), key=lambda t: abs(t[1]))
-        for site, value in candidates:
-            if score == 0:
-                break
-            trial = _ReluTies(TIE_TOL, [s for s, _ in kept] + [site])
-            trial_rows = compare(arrays, run_case(arrays, manifest, device, trial), manifest)
-            if _score(trial_rows, step) < score - 1:
-                score, rows, ties = _score(trial_rows, step), trial_rows, trial
-                kept.append((site, value))
-    return rows, kept
-
-
-def _step_of(group: str) -> int:
-    m = re.search(r"(?:^|/)step(\d+)/", group)
-    return int(m.group(1)) if m else 1   # init/* and sam/* belong to the first step
-
-
-def _score(rows, step):
-    """How far a step is from passing: sum over its failing groups of log10(error / tol)."""
-    return sum(max(0.0, np.log10(max(r.max_rel if r.kind == "rel" else r.max_abs, 1e-30) / r.tol))
-               for r in rows if _step_of(r.group) == step)
-
-
-def describe_tie(site, value) -> str:
-    (sync, rank), step, relu, call, flat = site
-    return (f"step {step}, replica {rank}, sync={sync}: ReLU {relu}, "
-            f"{'first' if call == 0 else 'perturbed' if call == 1 else f'call {call}'} pass, "
-            f"input element {flat} = {value:.3e}")
 
 
 def format_rows(rows) -> str:

@@ -65,7 +65,7 @@ def test_layer_cupy_matches_numpy(name):
 @pytest.mark.parametrize("case", ["wrn10x2_single", "wrn10x2_two_replicas",
                                   "wrn10x2_label_smoothing"])
 def test_reference_case_on_gpu(case):
-    from minisam.reference import verify
+    from minisam.verify import verify
     rows, ties = verify(os.path.join(ROOT, case + ".npz"), device="gpu")
     assert all(r.ok for r in rows), [(r.group, r.max_rel) for r in rows if not r.ok]
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from minisam import cli
-from minisam.reference import load_case, run_case, compare, verify
+from minisam.reference import compare, load_case, run_case
+from minisam.verify import verify
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "reference_results")
 CASES = ["wrn10x2_single", "wrn10x2_two_replicas", "wrn10x2_label_smoothing"]
@@ -30,20 +31,23 @@ def test_a_single_relu_tie_moves_gradients_past_tolerance():
     Which side this machine's float32 lands on depends on the BLAS kernel and thread count,
     so the test starts from the flips ``verify`` keeps (none on some machines, one on
     others) and toggles the closest tie of step 1's perturbed pass from there."""
-    from minisam.reference import TIE_TOL, _ReluTies
+    from minisam.ties import TIE_TOL, ReluTies
     case = os.path.join(ROOT, "wrn10x2_single.npz")
     arrays, manifest = load_case(case)
     rows, kept = verify(case)
     assert all(r.ok for r in rows)
-    flips = {site for site, _ in kept}
-    ties = _ReluTies(TIE_TOL, flips)
-    base = compare(arrays, run_case(arrays, manifest, ties=ties), manifest)
+    sides = {site: not value > 0 for site, value in kept}
+    ties = ReluTies(sides=sides)
+    base = compare(arrays, run_case(arrays, manifest, ties=ties, teacher=True), manifest)
     assert all(r.ok for r in base)
-    step1 = [(site, v) for site, v in ties.found if site[1] == 1 and site[3] == 1]
+    step1 = [(site, v) for site, v, _, _ in ties.found if site[1] == 1 and site[3] == 1]
     assert step1 and all(abs(v) <= TIE_TOL * 10 for _, v in step1)
-    site, _ = min(step1, key=lambda t: abs(t[1]))
-    toggled = _ReluTies(TIE_TOL, flips ^ {site})
-    flipped = compare(arrays, run_case(arrays, manifest, ties=toggled), manifest)
+    site, value = min(step1, key=lambda t: abs(t[1]))
+    toggled = {k: v for k, v in sides.items() if k != site}
+    if site not in sides:
+        toggled[site] = not value > 0
+    flipped = compare(arrays, run_case(arrays, manifest, ties=ReluTies(sides=toggled),
+                                       teacher=True), manifest)
     bad = {r.group for r in flipped if not r.ok}
     assert "sam/grad/*" in bad and "init/grad/*" not in bad
 

@@ -924,7 +924,9 @@ import matplotlib.pyplot as plt
 from minisam.models import WideResnet
 from minisam.nn import ReLU, one_hot
 from minisam.optim import clip_by_global_norm, cosine_schedule, global_norm, nesterov_init, nesterov_update
-from minisam.reference import describe_tie, format_rows, load_case, verify
+from minisam.reference import format_rows, load_case
+from minisam.ties import describe_tie
+from minisam.verify import verify
 from minisam.sam import SAMConfig, dual_vector, loss_and_grad, train_step
 
 plt.rcParams.update({"figure.dpi": 80})

@@ -482,7 +482,8 @@ from minisam.distributed.flat import flatten, plan_layout, unflatten
 from minisam.distributed.local import run_replicas
 from minisam.models import WideResnet, wide_resnet
 from minisam.optim import cosine_schedule, global_norm, nesterov_init
-from minisam.reference import format_rows, load_case, verify
+from minisam.reference import format_rows, load_case
+from minisam.verify import verify
 from minisam.sam import SAMConfig, train_step
 from minisam.sharpness import m_sharpness
 from minisam.train import Trainer
