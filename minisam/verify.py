@@ -52,12 +52,20 @@ def verify_case(npz_path: str, device: str = "cpu", resolve_ties: bool = True,
 
     If a step fails and ``resolve_ties``, its candidate ReLU ties (``ties.ReluTies``: inputs
     within float32 noise of zero, the noise measured against a float64 run of the same step
-    that takes the sides kept so far) are tried on the other side of the kink one at a time,
-    closest first, re-running only that step, that sync mode and, where the change reaches
-    the other replicas only through the final all-reduce, that replica (the others' trees
-    replayed). A flip is kept if it cuts the step's squared distance to the reference by a
-    quarter (several ties may share the error); then the others get a new try. At most
-    ``max_trials`` tries a step. Every flip kept is returned for the caller to print."""
+    that takes the sides set so far) are settled in two moves:
+
+    1. the candidates float32 and float64 put on different sides are set to float64's side
+       (the first pass, then the perturbed pass it leads to), if that brings the step closer
+       to the reference; then each is undone again where that helps (float64's side need
+       not be the reference's);
+    2. the other candidates are tried on the other side of the kink one at a time, closest
+       to zero first; a flip is kept if it cuts the step's squared distance to the reference
+       by a quarter (several ties may share the error), and then the others get a new try.
+       At most ``max_trials`` tries a step.
+
+    A try re-runs only that step and sync mode and, where the change reaches the other
+    replicas only through the final all-reduce, only that replica (the others' trees
+    replayed). Every tie set is returned for the caller to print: nothing is hidden."""
     arrays, manifest = load_case(npz_path)
     modes, replicas = sync_modes(manifest["config"]), int(manifest["config"]["replicas"])
     per_replica = set(manifest.get("per_replica_keys", []))
