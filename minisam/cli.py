@@ -420,7 +420,7 @@ def main(argv=None) -> int:
         return 1
     except TrainingInterrupted as e:
         print(f"minisam {args.command}: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum
     except (UserError, ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
         if debug:
             raise

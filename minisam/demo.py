@@ -35,7 +35,7 @@ from .sharpness import (
     top_hessian_eigenvalue,
 )
 from .config import TrainConfig
-from .rundir import CONFIG_FILE
+from .rundir import CONFIG_FILE, RunLock
 from .train import Trainer
 
 FULL = dict(dataset="digits", image_size=8, model="wrn10_2", epochs=40, batch_size=64, lr=0.1,
@@ -47,13 +47,28 @@ QUICK = dict(FULL, model="wrn10_1", epochs=2)
 QUICK_MEASURE = dict(examples=128, hessian_iters=3, slice_points=5)
 
 
-def _fresh_dir(path: str):
-    """Remove a previous demo run in ``path``; refuse to delete anything else."""
-    if os.path.exists(path):
-        if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-            raise ValueError(f"{path!r} exists and is not a minisam run directory; choose "
-                             "another --out for the demo")
+DEMO_MARK = ".made-by-minisam-demo"   # in each run directory the demo made
+
+
+def _check_replaceable(path: str):
+    """The demo may reuse ``path`` if it is absent or empty, or a run the demo made itself;
+    never a user's run or anything else."""
+    if os.path.isdir(path) and os.listdir(path) and \
+            not os.path.isfile(os.path.join(path, DEMO_MARK)):
+        what = "a run the demo did not make" if os.path.isfile(
+            os.path.join(path, CONFIG_FILE)) else "files the demo did not make"
+        raise ValueError(f"{path!r} holds {what}; the demo replaces only its own earlier "
+                         "runs: choose another --out")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path!r} is a file; choose another --out for the demo")
+
+
+def _replace(path: str):
+    """Delete the demo's own earlier run in ``path`` (not while a process trains in it)."""
+    if os.path.isdir(path) and os.listdir(path):
+        lock = RunLock(path)
         shutil.rmtree(path)
+        lock.release()
 
 
 def measure(trainer: Trainer, examples: int, hessian_iters: int, slice_points: int,
@@ -110,9 +125,11 @@ def run_demo(out: str = "runs/demo", quick: bool = False, epochs: int | None = N
         raise ValueError(f"the demo compares SGD with SAM, so rho must be > 0, got {rho}")
     runs = {"sgd": TrainConfig(rho=0.0, **base), "sam": TrainConfig(rho=rho, **base)}
     labels = {"sgd": "SGD", "sam": f"SAM rho={rho:g}"}
+    for name in runs:                 # check both before deleting either
+        _check_replaceable(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
     for name in runs:
-        _fresh_dir(os.path.join(out, name))
+        _replace(os.path.join(out, name))
     c = runs["sgd"]
     echo(f"minisam demo: {c.model} on digits ({c.image_size}x{c.image_size}), "
          f"{c.label_noise:.0%} of the training labels replaced at random, {c.epochs} epochs, "
@@ -123,6 +140,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, epochs: int | None = N
         echo(f"\n[{labels[name]}] training -> {os.path.join(out, name)}")
         t = time.time()
         trainer = Trainer(cfg, os.path.join(out, name), progress=progress)
+        open(os.path.join(out, name, DEMO_MARK), "w").close()
         trainer.fit()
         train_time = time.time() - t
         echo(f"[{labels[name]}] measuring: accuracies, top Hessian eigenvalue (power iteration, "

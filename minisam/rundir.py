@@ -5,6 +5,7 @@
     checkpoint.npz   parameters, BN state averaged over replicas, momentum, every replica's
                      own BN state (for exact resume), and the JSON metadata (``__meta__``)
     checkpoint.json  a readable copy of that metadata
+    .lock            held (``fcntl.flock``) by the one process that trains in the directory
 
 config.json and the checkpoint files are written atomically (a temporary file, fsynced, then
 ``os.replace``d), so a crash at any moment leaves the previous version loadable and at most
@@ -13,6 +14,7 @@ skipped on reading). ``rewind`` clears both kinds of leftover when a run is resu
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from .config import TrainConfig
 CONFIG_FILE, METRICS_FILE = "config.json", "metrics.jsonl"
 CHECKPOINT_FILE, CHECKPOINT_META = "checkpoint.npz", "checkpoint.json"
 CHECKPOINT_FORMAT = 1
+LOCK_FILE = ".lock"
 _replace = os.replace  # tests inject a crash here
 
 
@@ -55,13 +58,53 @@ def atomic_write(path: str, data):
         pass
 
 
+class RunLock:
+    """An exclusive lock on a run directory, so that two processes never train in one: an
+    ``fcntl.flock`` on ``RUN_DIR/.lock``, which holds the owner's pid. The kernel drops it
+    when the process ends, however it ends (even ``kill -9``), so a stale lock cannot stay."""
+
+    def __init__(self, run_dir: str):
+        os.makedirs(run_dir, exist_ok=True)
+        self._file = open(os.path.join(run_dir, LOCK_FILE), "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ValueError(f"{run_dir!r} is in use by another minisam process (pid {holder}); "
+                             "wait for it to finish, or choose another --out") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def release(self):
+        if self._file is not None:
+            self._file.close()      # closing the descriptor drops the flock
+            self._file = None
+
+
+def is_run(run_dir: str) -> bool:
+    """True if ``run_dir`` holds a run (its config.json), finished or not."""
+    return os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
+
+
 def start_run(run_dir: str, info: dict):
     """Make ``run_dir`` a new run: config.json holds ``info``, metrics.jsonl starts empty.
-    Refuses a directory that already holds a run."""
-    started = os.path.exists(os.path.join(run_dir, METRICS_FILE)) and read_metrics(run_dir)
-    if os.path.exists(os.path.join(run_dir, CHECKPOINT_FILE)) or started:
+    Refuses a directory that already holds a run, and one that holds anything else."""
+    if is_run(run_dir) or os.path.exists(os.path.join(run_dir, CHECKPOINT_FILE)):
         raise ValueError(f"{run_dir!r} already holds a run; resume it (--resume) or choose "
                          "another output directory (--out)")
+    others = sorted(set(os.listdir(run_dir)) - {LOCK_FILE}) if os.path.isdir(run_dir) else []
+    if others:
+        raise ValueError(f"{run_dir!r} is not empty and holds no run ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); a new run needs an empty or "
+                         "new directory: choose another --out")
     os.makedirs(run_dir, exist_ok=True)
     atomic_write(os.path.join(run_dir, CONFIG_FILE), (json.dumps(info, indent=2) + "\n").encode())
     open(os.path.join(run_dir, METRICS_FILE), "w").close()

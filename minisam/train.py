@@ -33,6 +33,10 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, replace
 
@@ -57,7 +61,40 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C: a checkpoint was saved at the last completed step; ``str(e)`` says where."""
+    """Ctrl-C or SIGTERM: a checkpoint was saved at the last completed step; ``str(e)`` says
+    where, ``signum`` which signal (SIGINT for a KeyboardInterrupt raised in code)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class StopSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (what a cluster sends before pre-emption)
+    only raise a flag, acted on at the next step boundary: a step is never cut in half and a
+    second signal cannot abort the checkpoint being written. Only the main thread can
+    install handlers; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            print(f"minisam: {signal.Signals(signum).name}: saving a checkpoint after this "
+                  "step, then stopping", file=sys.stderr, flush=True)
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
 
 
 def evaluate(replicas: Replicas, models: list, params: dict, state: dict, dataset,
@@ -105,16 +142,32 @@ class Trainer:
     def __init__(self, config: TrainConfig | dict | None = None, out_dir: str | None = None,
                  *, comm=None, resume: bool = False, max_steps: int | None = None,
                  progress: bool = True, data=None):
+        self._lock = None
+        if out_dir is not None and (comm is None or comm.rank == 0):
+            if resume and not rundir.is_run(out_dir):
+                rundir.load_checkpoint(out_dir)   # says there is none, and where it looked
+            self._lock = rundir.RunLock(out_dir)  # one process trains in a directory
+        try:
+            self._setup(config, out_dir, comm, resume, max_steps, progress, data)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, config, out_dir, comm, resume, max_steps, progress, data):
         ckpt = None
         if resume:
             if out_dir is None:
                 raise ValueError("resume needs the run directory (out_dir) to continue")
-            ckpt = rundir.load_checkpoint(out_dir)
+            if os.path.exists(os.path.join(out_dir, rundir.CHECKPOINT_FILE)):
+                ckpt = rundir.load_checkpoint(out_dir)
+                saved = ckpt.config
+            else:  # stopped before its first checkpoint: the run starts again from step 0
+                saved = TrainConfig.from_dict(rundir.read_config(out_dir))
             given = asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
-            conflict = resume_conflicts(ckpt.config, given)
+            conflict = resume_conflicts(saved, given)
             if conflict:
                 raise ValueError(f"{out_dir!r}: {conflict}")
-            config = ckpt.config
+            config = saved
         if not isinstance(config, TrainConfig):
             raise ValueError("Trainer needs a TrainConfig (or resume=True with a run directory)")
         if comm is not None and comm.size != config.replicas:
@@ -151,6 +204,7 @@ class Trainer:
                        for _ in self.replicas.ranks]
         self.momentum = nesterov_init(self.params)
         self.step = self.epoch = self.step_in_epoch = 0
+        self._stop_by = None    # the signal that stops training, once every process knows
         self._sums = self._zero_sums()
         self.last_record: dict | None = None
         self.elapsed = 0.0
@@ -159,7 +213,15 @@ class Trainer:
         else:
             self.params = self.replicas.comm.broadcast(self.params, 0)  # everyone from rank 0's
             if out_dir is not None and self.replicas.main:
-                rundir.start_run(out_dir, self._run_info())
+                if resume:
+                    rundir.rewind(out_dir, 0)
+                else:
+                    rundir.start_run(out_dir, self._run_info())
+
+    def close(self):
+        """Release the run directory's lock (``fit`` takes it again when it starts)."""
+        if self._lock is not None:
+            self._lock.release()
 
     @property
     def rank(self) -> int:
@@ -229,9 +291,14 @@ class Trainer:
         results = self.replicas.run(replica)
         p, _, m, _ = results[0]   # identical on every replica
         xp = get_xp(p[next(iter(p))])
+        signum = getattr(getattr(self, "_signals", None), "signum", None)
+        flag = xp.asarray(float(signum or 0), dtype=xp.float64)   # which signal, if any
         vec = self.replicas.mean([{"v": xp.stack([xp.asarray(r[3][k], dtype=xp.float64)
-                                                  for k in STEP_METRICS])} for r in results])["v"]
+                                                  for k in STEP_METRICS] + [flag])}
+                                  for r in results])["v"]
         host = to_numpy(vec)            # the one host sync of the step
+        if host[-1] > 0 and self._stop_by is None:
+            self._stop_by = signum or signal.SIGTERM
         return p, m, [r[1] for r in results], dict(zip(STEP_METRICS, map(float, host)))
 
     def evaluate(self, dataset=None, batch_size: int | None = None) -> dict:
@@ -247,32 +314,50 @@ class Trainer:
         """Train to ``config.epochs`` (or ``max_steps``); return the last epoch's record.
 
         Raises NonFiniteLossError (nothing saved) or TrainingInterrupted (saved)."""
+        if self.out_dir is not None and self.replicas.main and not self._lock.held:
+            self._lock = rundir.RunLock(self.out_dir)
         bar = self._progress_bar()
         t_start = time.time() - self.elapsed
         self._epoch_start = time.time()
         try:
-            while self.epoch < self.cfg.epochs:
-                self.elapsed = time.time() - t_start
-                if self.step_in_epoch == self.steps_per_epoch:
-                    self._end_epoch()
-                    continue
-                if self.max_steps is not None and self.step >= self.max_steps:
-                    self.save()
-                    return {"stopped_at_step": self.step, **(self.last_record or {})}
-                shards = self.loader.shards(self.epoch, self.step_in_epoch, self.replicas.ranks)
-                lr = float(self.lr_fn(self.step))
-                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    p, m, states, host = self._train_step(shards, lr)  # checked just below
-                self._check_finite(host, lr)
-                self._commit(p, m, states, host, bar)
-        except KeyboardInterrupt:
+            with StopSignals() as self._signals:
+                while self.epoch < self.cfg.epochs:
+                    self.elapsed = time.time() - t_start
+                    if self._stopping(self._signals.signum):
+                        self.save()
+                        raise TrainingInterrupted(self._interrupted_message(), self._stop_by)
+                    if self.step_in_epoch == self.steps_per_epoch:
+                        self._end_epoch()
+                        continue
+                    if self.max_steps is not None and self.step >= self.max_steps:
+                        self.save()
+                        return {"stopped_at_step": self.step, **(self.last_record or {})}
+                    shards = self.loader.shards(self.epoch, self.step_in_epoch, self.replicas.ranks)
+                    lr = float(self.lr_fn(self.step))
+                    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                        p, m, states, host = self._train_step(shards, lr)  # checked below
+                    self._check_finite(host, lr)
+                    self._commit(p, m, states, host, bar)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:   # raised in code, not by our handlers: processes may differ
             self.elapsed = time.time() - t_start
-            self.save(collective=False)
+            with StopSignals():
+                self.save(collective=False)
             raise TrainingInterrupted(self._interrupted_message()) from None
         finally:
             if bar is not None:
                 bar.close()
+            self.close()
         return dict(self.last_record or {})
+
+    def _stopping(self, local_signum) -> bool:
+        """Stop here? Every process learns of a signal to any of them through the step's
+        metrics (``_train_step``), so all stop at the same step boundary; a lone process
+        stops at once."""
+        if local_signum is not None and self.replicas.comm.size == 1:
+            self._stop_by = local_signum
+        return self._stop_by is not None
 
     def _commit(self, params, momentum, states, host: dict, bar):
         """Make a finished step the trainer's state."""
@@ -330,7 +415,7 @@ class Trainer:
 
     def _interrupted_message(self) -> str:
         where = (f"checkpoint saved to {os.path.join(self.out_dir, rundir.CHECKPOINT_FILE)}; "
-                 f"continue with `minisam train --resume --out {self.out_dir}`"
+                 f"continue with `minisam train --resume --out {shlex.quote(self.out_dir)}`"
                  if self.out_dir else "no run directory, nothing saved")
         return (f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch} of "
                 f"{self.steps_per_epoch} (global step {self.step}); {where}")

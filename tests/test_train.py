@@ -69,7 +69,7 @@ def test_config_validation():
 def test_run_directory_files_and_metrics(tmp_path):
     d = str(tmp_path / "run")
     rec = Trainer(small(), d, progress=False).fit()
-    assert sorted(os.listdir(d)) == ["checkpoint.json", "checkpoint.npz", "config.json",
+    assert sorted(os.listdir(d)) == [".lock", "checkpoint.json", "checkpoint.npz", "config.json",
                                      "metrics.jsonl"]
     info = json.load(open(os.path.join(d, "config.json")))
     assert info["config"]["rho"] == 0.05 and info["steps_per_epoch"] == 1440 // 64
@@ -185,7 +185,7 @@ def test_crash_between_temp_write_and_replace(tmp_path, monkeypatch):
     assert after.meta == before.meta
     for k in before.params:
         np.testing.assert_array_equal(after.params[k], before.params[k])
-    assert sorted(os.listdir(d)) == ["checkpoint.json", "checkpoint.npz", "config.json",
+    assert sorted(os.listdir(d)) == [".lock", "checkpoint.json", "checkpoint.npz", "config.json",
                                      "metrics.jsonl"]
 
 
