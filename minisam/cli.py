@@ -211,7 +211,8 @@ def cmd_eval(args) -> int:
     from .data import load_dataset
     from .distributed.replicas import Replicas
     from .rundir import load_checkpoint
-    from .train import evaluate, model_from_checkpoint
+    from .evaluate import evaluate
+    from .train import model_from_checkpoint
     ck = load_checkpoint(args.checkpoint)
     cfg = ck.config
     device = args.device or cfg.device

@@ -41,7 +41,9 @@ EXACT_KEYS = ("optimizer_step", "train_error_rate")
 
 
 def load_case(npz_path: str):
-    """Return (arrays, manifest); the manifest is the .json beside the .npz."""
+    """Return (arrays, manifest); the manifest is the .json beside the .npz. Both are
+    checked: one ValueError naming the file and the field for anything malformed."""
+    from .rundir import read_npz
     if not str(npz_path).endswith(".npz"):
         raise ValueError(f"expected a reference case NAME.npz, got {npz_path!r}")
     if not os.path.exists(npz_path):
@@ -51,18 +53,26 @@ def load_case(npz_path: str):
     if not os.path.exists(manifest_path):
         raise FileNotFoundError(f"manifest {manifest_path!r} not found: every case NAME.npz needs "
                                 "its manifest NAME.json beside it")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{manifest_path}: not valid JSON ({e})") from None
     check_manifest(manifest, manifest_path)
-    with np.load(npz_path) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = read_npz(npz_path, "a reference case")
     for k in ("input/images", "input/labels"):
         if k not in arrays:
             raise ValueError(f"{npz_path}: missing array {k!r}; a case must hold its inputs")
     return arrays, manifest
 
 
-def check_manifest(manifest: dict, where: str = "manifest"):
+INT_CONFIG = ("batch_size", "blocks_per_group", "channel_multiplier", "num_outputs", "replicas",
+              "num_epochs", "steps_per_epoch", "num_steps")
+
+
+def check_manifest(manifest, where: str = "manifest"):
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: a manifest is a JSON object, got a {type(manifest).__name__}")
     cfg = manifest.get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: missing the 'config' object; expected fields {REQUIRED_CONFIG}")
@@ -70,9 +80,24 @@ def check_manifest(manifest: dict, where: str = "manifest"):
     if missing:
         raise ValueError(f"{where}: config lacks field(s) {missing}; a reference manifest needs "
                          f"all of {list(REQUIRED_CONFIG)}")
+    for k in REQUIRED_CONFIG:
+        v, ok = cfg[k], True
+        if k in INT_CONFIG:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        elif k == "sync_perturbations":
+            ok = isinstance(v, bool) or (isinstance(v, list) and v and
+                                         all(isinstance(x, bool) for x in v))
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        if not ok:
+            want = ("a positive integer" if k in INT_CONFIG else "true/false or a list of them"
+                    if k == "sync_perturbations" else "a number >= 0")
+            raise ValueError(f"{where}: config field {k!r} must be {want}, got {v!r}")
     if cfg["batch_size"] % cfg["replicas"]:
         raise ValueError(f"{where}: batch_size {cfg['batch_size']} is not divisible by "
                          f"replicas {cfg['replicas']}")
+    if not isinstance(manifest.get("per_replica_keys", []), list):
+        raise ValueError(f"{where}: 'per_replica_keys' must be a list of keys")
 
 
 def sync_modes(cfg):

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,25 +179,91 @@ def save_checkpoint(run_dir: str, ck: Checkpoint):
                  (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_npz(path: str, what: str) -> dict:
+    """Every array of the .npz at ``path`` ("a minisam checkpoint", "a reference case"):
+    one clear ValueError for a file that is not an .npz, is truncated or corrupt, holds
+    objects, or declares an array larger than the bytes it holds (never a huge allocation)."""
+    def bad(why):
+        return ValueError(f"{path!r} is not {what}: {why}")
+    if not zipfile.is_zipfile(path):
+        raise bad("not an .npz (zip) file")
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = header(f)
+                    need = math.prod(shape) * dtype.itemsize
+                    if dtype.hasobject or need > info.file_size:
+                        raise bad(f"member {name!r} declares {dtype} {shape} ({need} bytes) "
+                                  f"but holds {info.file_size} bytes")
+                with zf.open(info) as f:
+                    arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+    except ValueError as e:
+        raise e if str(e).startswith(repr(path)) else bad(f"corrupt ({e})") from None
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+        raise bad(f"truncated or corrupt ({e})") from None
+    return arrays
+
+
+# Checkpoint metadata: key -> (type, lowest value), checked on load.
+META_FIELDS = {"step": (int, 0), "epoch": (int, 0), "step_in_epoch": (int, 0),
+               "steps_per_epoch": (int, 1), "saved_replica_states": (int, 0),
+               "elapsed_s": ((int, float), 0), "epoch_sums": (dict, None),
+               "config": (dict, None)}
+
+
+def _check_meta(meta, arrays: dict, path: str) -> dict:
+    def bad(why):
+        return ValueError(f"{path!r} is not a usable minisam checkpoint: {why}")
+    if not isinstance(meta, dict):
+        raise bad("its metadata is not a JSON object")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise bad(f"checkpoint format {meta.get('format')!r}, this minisam reads format "
+                  f"{CHECKPOINT_FORMAT}")
+    for key, (kind, low) in META_FIELDS.items():
+        v = meta.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool) or (low is not None and v < low):
+            raise bad(f"metadata field {key!r} is {v!r}")
+    try:
+        cfg = TrainConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise bad(f"its config: {e}") from None
+    spe, step, epoch, pos = (meta[k] for k in ("steps_per_epoch", "step", "epoch",
+                                               "step_in_epoch"))
+    if pos > spe or epoch > cfg.epochs or step != epoch * spe + pos:
+        raise bad(f"position epoch {epoch}, step {pos} of {spe}, global step {step} is "
+                  f"inconsistent (a run of {cfg.epochs} epochs)")
+    if not all(isinstance(meta["epoch_sums"].get(k), (int, float)) for k in ("steps",)):
+        raise bad("metadata field 'epoch_sums' lacks its step count")
+    if not any(k.startswith("params/") for k in arrays) or \
+            {k[7:] for k in arrays if k.startswith("params/")} != \
+            {k[9:] for k in arrays if k.startswith("momentum/")}:
+        raise bad("its parameter and momentum arrays do not match")
+    return meta
+
+
 def load_checkpoint(path: str) -> Checkpoint:
-    """Load ``checkpoint.npz`` (or the run directory that holds one)."""
+    """Load ``checkpoint.npz`` (or the run directory that holds one), checked."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}; a run directory holds "
                                 f"{CHECKPOINT_FILE} after its first epoch")
+    arrays = read_npz(path, "a minisam checkpoint")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
         meta = json.loads(str(arrays.pop("__meta__")))
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a readable minisam checkpoint ({e})") from e
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path!r}: checkpoint format {meta.get('format')!r}, this minisam "
-                         f"reads format {CHECKPOINT_FORMAT}")
+    except (KeyError, ValueError):
+        raise ValueError(f"{path!r} is not a usable minisam checkpoint: no readable "
+                         "metadata") from None
+    meta = _check_meta(meta, arrays, path)
 
     def group(prefix):
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-    n = int(meta.get("saved_replica_states", 0))
+    n = meta["saved_replica_states"]
     return Checkpoint(group("params/"), group("state/"), group("momentum/"),
                       [group(f"replica_state/{r}/") for r in range(n)], meta)

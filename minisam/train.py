@@ -47,10 +47,11 @@ from . import rundir
 from .backend import get_xp, to_numpy, tree_to_device, xp_for
 from .config import TrainConfig, resume_conflicts
 from .data import Loader, load_dataset
+from .evaluate import evaluate
 from .distributed.replicas import Replicas
 from .models import wide_resnet
 from .optim import constant_schedule, cosine_schedule, nesterov_init
-from .sam import eval_step, train_step
+from .sam import train_step
 
 # Per-step metrics of sam.train_step, moved to the host together once per step.
 STEP_METRICS = ("train_loss", "train_error_rate", "gradient_norm", "param_norm")
@@ -95,29 +96,6 @@ class StopSignals:
         for s, handler in self._old.items():
             signal.signal(s, handler)
         self._old = {}
-
-
-def evaluate(replicas: Replicas, models: list, params: dict, state: dict, dataset,
-             batch_size: int, label_smoothing: float = 0.0, device: str = "cpu") -> dict:
-    """Loss and error rate of ``params`` on ``dataset``, BN in eval mode with ``state``
-    (sam_jax ``eval_on_dataset``): the loss with the run's label smoothing, like the JAX
-    eval. Batch i is evaluated by replica i mod size, each with its own model in
-    ``models``; the sums meet in one mean, so the host waits once. Every rank must call it.
-    """
-    loader = Loader(dataset, batch_size, train=False, device=device)
-
-    def replica(i, comm):
-        xp = get_xp(next(iter(params.values())))
-        loss = err = xp.zeros((), xp.float64)
-        n = 0
-        for step in range(replicas.ranks[i], loader.steps_per_epoch, replicas.size):
-            x, y = loader.batch(0, step)
-            _, met = eval_step(models[i], params, state, x, y, label_smoothing)
-            loss, err, n = loss + met["loss"] * len(y), err + met["error_rate"] * len(y), n + len(y)
-        return {"t": xp.stack([loss, err, xp.asarray(float(n), xp.float64)])}
-
-    loss, err, count = (float(v) for v in to_numpy(replicas.mean(replicas.run(replica))["t"]))
-    return {"loss": loss / count, "error_rate": err / count}
 
 
 class Trainer:
@@ -237,6 +215,9 @@ class Trainer:
                 "num_params": self.models[0].num_params(), "augment": asdict(self.cfg.augment())}
 
     def _restore(self, ck: rundir.Checkpoint):
+        self.models[0].set_params(ck.params)     # the checkpoint fits this model (or a
+        for state in [ck.state, *ck.replica_states]:   # one-line error names what does not)
+            self.models[0].set_state(state)
         dev = self.cfg.device
         self.params = tree_to_device(ck.params, dev)
         self.momentum = tree_to_device(ck.momentum, dev)

@@ -99,7 +99,43 @@ def find_archive(name: str, data_dir):
     return None
 
 
+# The published archives' MD5 (as torchvision checks them), to tell a corrupt download.
+ARCHIVE_MD5 = {"cifar10": "c58f30108f718f92721af3b95e74349a",
+               "cifar100": "eb9058c3a382ffc7106e4002c42a8d85"}
+
+
+def _md5(path) -> str:
+    import hashlib
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_archive(name: str, path):
+    """``_read_archive``, and when an archive file cannot be read, its MD5 against the
+    published one: a truncated or corrupt download is then said to be one."""
+    import zlib
+    try:
+        return _read_archive(name, path)
+    except FileNotFoundError:
+        raise                       # a readable archive without the expected members
+    except (_Unreadable, EOFError, OSError, zlib.error) as e:
+        if not Path(path).is_file():
+            raise
+        md5 = _md5(path)
+        other = [n for n, m in ARCHIVE_MD5.items() if m == md5 and n != name]
+        if other:
+            raise ValueError(f"{path} is the {other[0]} archive, not {name}'s") from None
+        if md5 != ARCHIVE_MD5[name]:
+            raise ValueError(f"{path} is corrupt or truncated (its MD5 is {md5}, the published "
+                             f"{_LAYOUT[name][0]} has {ARCHIVE_MD5[name]}); download it again "
+                             f"from {CIFAR_URL}") from None
+        raise ValueError(f"{path} could not be read ({e})") from None
+
+
+def _read_archive(name: str, path):
     """Read a CIFAR "python version" archive (.tar.gz) or its extracted folder.
 
     Each member is a pickled dict (written by Python 2): b'data' is uint8 [N, 3072],
@@ -128,7 +164,7 @@ def read_archive(name: str, path):
                     if member.isfile() and member.name.startswith(folder + "/") and base in wanted:
                         blobs[base] = tar.extractfile(member).read()
         except tarfile.TarError as e:
-            raise ValueError(f"{path} is not a readable .tar.gz archive ({e}); "
+            raise _Unreadable(f"{path} is not a readable .tar.gz archive ({e}); "
                              f"expected the CIFAR 'python version' from {CIFAR_URL}") from e
         missing = [m for m in wanted if m not in blobs]
         if missing:
@@ -153,6 +189,10 @@ def read_archive(name: str, path):
         return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
     return load(train_members), load(test_members)
+
+
+class _Unreadable(ValueError):
+    """A member or the archive itself could not be read (as opposed to: read, but wrong)."""
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -182,7 +222,7 @@ def _safe_unpickle(blob: bytes, where: str) -> dict:
     try:
         d = _NumpyOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as e:
-        raise ValueError(f"{where} is not a CIFAR python-format batch ({e})") from e
+        raise _Unreadable(f"{where} is not a CIFAR python-format batch ({e})") from e
     if not isinstance(d, dict):
         raise ValueError(f"{where} holds a {type(d).__name__}, expected a dict")
     return d
