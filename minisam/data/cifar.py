@@ -119,8 +119,12 @@ def read_archive(name: str, path):
     import zlib
     try:
         return _read_archive(name, path)
-    except FileNotFoundError:
-        raise                       # a readable archive without the expected members
+    except FileNotFoundError as e:  # readable, but without the expected members
+        if Path(path).is_file() and (md5 := _md5(path)) != ARCHIVE_MD5[name]:
+            raise FileNotFoundError(f"{e}; this file is not the published archive (its MD5 is "
+                                    f"{md5}, not {ARCHIVE_MD5[name]}): if it was downloaded, "
+                                    "it is corrupt or truncated, download it again") from None
+        raise
     except (_Unreadable, EOFError, OSError, zlib.error) as e:
         if not Path(path).is_file():
             raise
