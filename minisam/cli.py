@@ -88,8 +88,8 @@ def cmd_train(args) -> int:
         given = dict(preset(args.preset) if args.preset else {}, **_explicit(args))
         trainer = Trainer(given, args.out, resume=True, **kw)
         out = args.out
-        say(trainer.rank, f"resuming {out} at epoch {trainer.epoch + 1}, step "
-            f"{trainer.step_in_epoch} (global step {trainer.step})")
+        say(trainer.rank, f"resuming {out} in epoch {trainer.epoch + 1} after step "
+            f"{trainer.step_in_epoch} of {trainer.steps_per_epoch} (global step {trainer.step})")
     else:
         cfg = build_config(args)
         out = args.out or _default_out(cfg, args)
@@ -393,8 +393,10 @@ COMMANDS = (_demo_parser, _train_parser, _eval_parser, _plot_parser, _verify_par
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = _Parser(prog="minisam",
                 description="Sharpness-Aware Minimization from scratch in NumPy/CuPy.")
+    p.add_argument("--version", action="version", version=f"minisam {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for register in COMMANDS:
         parser, func = register(sub)

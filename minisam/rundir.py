@@ -120,8 +120,10 @@ def read_config(run_dir: str) -> dict:
 
 
 def append_metrics(run_dir: str, record: dict):
+    """Append one record; strict JSON (a NaN is an error here, never a bare ``NaN``)."""
+    line = json.dumps(record, allow_nan=False) + "\n"
     with open(os.path.join(run_dir, METRICS_FILE), "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line)
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -172,7 +174,7 @@ def save_checkpoint(run_dir: str, ck: Checkpoint):
     for r, s in enumerate(ck.replica_states):
         arrays.update({f"replica_state/{r}/{k}": to_numpy(v) for k, v in s.items()})
     meta = dict(ck.meta, format=CHECKPOINT_FORMAT, saved_replica_states=len(ck.replica_states))
-    blob = np.array(json.dumps(meta, sort_keys=True))
+    blob = np.array(json.dumps(meta, sort_keys=True, allow_nan=False))
     atomic_write(os.path.join(run_dir, CHECKPOINT_FILE),
                  lambda f: np.savez(f, __meta__=blob, **arrays))
     atomic_write(os.path.join(run_dir, CHECKPOINT_META),

@@ -308,7 +308,7 @@ class Trainer:
                         self.save()
                         raise TrainingInterrupted(self._interrupted_message(), self._stop_by)
                     if self.step_in_epoch == self.steps_per_epoch:
-                        self._end_epoch()
+                        self._end_epoch(bar)
                         continue
                     if self.max_steps is not None and self.step >= self.max_steps:
                         self.save()
@@ -356,9 +356,15 @@ class Trainer:
             bar.set_postfix(post, refresh=False)
             bar.update(1)
 
-    def _end_epoch(self):
-        """Evaluate, log the epoch's record, checkpoint."""
+    def _end_epoch(self, bar=None):
+        """Evaluate, log the epoch's record, checkpoint (only a finite evaluation is logged
+        and checkpointed: the last checkpoint stays the last good one)."""
         test = self.evaluate()
+        if not all(math.isfinite(v) for v in test.values()):
+            raise NonFiniteLossError(
+                f"non-finite {self.test_data.split} loss {test['loss']} or error "
+                f"{test['error_rate']} after epoch {self.epoch + 1} (global step {self.step}); "
+                + self._last_good() + self._advice())
         n, now = max(self._sums["steps"], 1), time.time()
         record = {"epoch": self.epoch + 1, "step": self.step,
                   "lr": float(self.lr_fn(self.step - 1)),
@@ -368,6 +374,14 @@ class Trainer:
                   "elapsed_s": round(self.elapsed, 3)}
         if self.out_dir is not None and self.replicas.main:
             rundir.append_metrics(self.out_dir, record)
+        if bar is not None:         # the final frame shows the final test error
+            bar.set_postfix({"ep": f"{self.epoch + 1}/{self.cfg.epochs}",
+                             "test_err": f"{record['test_error_rate']:.3f}"})
+        elif self.log_epochs:       # a log file, not a terminal: one line per epoch
+            print(f"epoch {record['epoch']}/{self.cfg.epochs}: train loss "
+                  f"{record['train_loss']:.4f}, {self.test_data.split} loss "
+                  f"{record['test_loss']:.4f}, error {record['test_error_rate']:.2%}",
+                  file=sys.stderr, flush=True)
         self.last_record = record
         self.epoch += 1
         self.step_in_epoch = 0
@@ -376,7 +390,10 @@ class Trainer:
         self.save()
 
     def _progress_bar(self):
-        if not self.progress:
+        """tqdm on a terminal; redirected to a file, one line per epoch instead (no frames)."""
+        notebook = type(sys.stderr).__module__.startswith("ipykernel")   # tqdm draws a widget
+        self.log_epochs = self.progress and not sys.stderr.isatty() and not notebook
+        if not self.progress or self.log_epochs:
             return None
         from tqdm.auto import tqdm
         name = (os.path.basename(os.path.normpath(self.out_dir)) if self.out_dir
@@ -388,17 +405,21 @@ class Trainer:
         if all(math.isfinite(v) for v in host.values()):
             return
         raise NonFiniteLossError(
-            f"non-finite training values at epoch {self.epoch + 1}, step "
-            f"{self.step_in_epoch + 1} (global step {self.step + 1}, lr {lr:.4g}): loss "
+            f"non-finite training values in epoch {self.epoch + 1}, step "
+            f"{self.step_in_epoch + 1} of {self.steps_per_epoch} (global step {self.step + 1}, "
+            f"lr {lr:.4g}): loss "
             f"{host['train_loss']}, gradient norm {host['gradient_norm']}, parameter norm "
-            f"{host['param_norm']}; " + self._last_good() + "; try a lower --lr or "
-            "--gradient-clipping")
+            f"{host['param_norm']}; " + self._last_good() + self._advice())
+
+    def _advice(self) -> str:
+        return ("; --resume would continue with the same settings: start a new run (another "
+                "--out) with a lower --lr or --gradient-clipping")
 
     def _interrupted_message(self) -> str:
         where = (f"checkpoint saved to {os.path.join(self.out_dir, rundir.CHECKPOINT_FILE)}; "
                  f"continue with `minisam train --resume --out {shlex.quote(self.out_dir)}`"
                  if self.out_dir else "no run directory, nothing saved")
-        return (f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch} of "
+        return (f"interrupted in epoch {self.epoch + 1} after step {self.step_in_epoch} of "
                 f"{self.steps_per_epoch} (global step {self.step}); {where}")
 
     def _last_good(self) -> str:

@@ -178,6 +178,16 @@ class Augment:
     cutout: int = 0
     cutout_per_image: bool = False
 
+    def __post_init__(self):
+        for name in ("crop_pad", "cutout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"Augment.{name} must be a non-negative integer, got {v!r}")
+        for name in ("flip", "cutout_per_image"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"Augment.{name} must be True or False, got "
+                                f"{getattr(self, name)!r}")
+
     def __call__(self, images, rng: np.random.Generator):
         _check(images, rng)
         return self.apply(images, self.draw(rng, images.shape))

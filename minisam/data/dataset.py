@@ -43,6 +43,9 @@ class Dataset:
                              f"got shape {getattr(labels, 'shape', None)}")
         if len(images) != len(labels):
             raise ValueError(f"Dataset has {len(images)} images but {len(labels)} labels")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"Dataset labels must be integer class indices, got dtype "
+                            f"{labels.dtype}; convert them with labels.astype('int32')")
         self.images = images.astype(np.float32, copy=False)
         self.labels = labels.astype(np.int32, copy=False)
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
