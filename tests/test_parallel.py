@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -198,10 +199,8 @@ def test_store_rejects_a_port_that_is_not_a_store():
             conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
             conn.close()
         threading.Thread(target=answer, daemon=True).start()
-        c = TCPStore("127.0.0.1", port, timeout=5)
         with pytest.raises(ConnectionError, match="not a minisam rendezvous store"):
-            c.get("x")
-        c.close()
+            TCPStore("127.0.0.1", port, timeout=5)      # the hello is the first request
 
 
 def test_store_server_port_in_use_is_a_clear_error():
@@ -536,7 +535,8 @@ CHILD = textwrap.dedent("""
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else on_signal)
     keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
-            "MASTER_ADDR", "MASTER_PORT", "MINISAM_QUIET", "MINISAM_LAUNCHED"]
+            "MASTER_ADDR", "MASTER_PORT", "MINISAM_QUIET", "MINISAM_LAUNCHED",
+            "MINISAM_RDZV_TOKEN"]
     info = {k: os.environ.get(k) for k in keys}
     info["pid"] = os.getpid()
     info["argv"] = sys.argv[3:]
@@ -579,18 +579,25 @@ def test_launch_sets_the_environment_of_every_rank(child, capsys):
         assert (i["LOCAL_WORLD_SIZE"], i["NODE_RANK"], i["MASTER_ADDR"]) == ("3", "0", "127.0.0.1")
         assert i["MINISAM_QUIET"] is None      # rank 0 decides; no variable silences a rank
         assert i["MINISAM_LAUNCHED"] == "1" and i["argv"] == ["--extra", "arg"]
+    tokens = {i["MINISAM_RDZV_TOKEN"] for i in info.values()}
+    assert len(tokens) == 1 and len(tokens.pop()) == 32      # one random token for the job
     assert capsys.readouterr().err == ""
 
 
 def test_launch_second_node_ranks(child):
     cmd, out = child
+    with pytest.raises(ValueError, match="export the same MINISAM_RDZV_TOKEN on every node"):
+        launch(2, ["ok"], nnodes=2, node_rank=1, master_port=29999, child_cmd=cmd,
+               env={k: v for k, v in os.environ.items() if k != "MINISAM_RDZV_TOKEN"})
+    env = dict(os.environ, MINISAM_RDZV_TOKEN="shared-by-both-nodes")
     assert launch(2, ["ok"], nnodes=2, node_rank=1, master_addr="127.0.0.1",
-                  master_port=29999, child_cmd=cmd) == 0
+                  master_port=29999, child_cmd=cmd, env=env) == 0
     info = ranks_info(out)
     assert sorted(info) == [2, 3]
     for r, i in info.items():
         assert (i["WORLD_SIZE"], i["LOCAL_RANK"], i["NODE_RANK"]) == ("4", str(r - 2), "1")
         assert i["MASTER_PORT"] == "29999" and i["MINISAM_QUIET"] is None
+        assert i["MINISAM_RDZV_TOKEN"] == "shared-by-both-nodes"
 
 
 def test_launch_stops_everyone_when_one_rank_fails(child, capsys):
@@ -770,3 +777,49 @@ def test_allreduce_benchmark_estimate_and_no_gpu_message():
         run = subprocess.run([sys.executable, script], capture_output=True, text=True,
                              timeout=120)
         assert run.returncode == 1 and "no usable CuPy GPU" in run.stderr and not run.stdout
+
+
+# --------------------------------------------------------------------- the store's defences
+def test_store_listens_on_the_given_address_never_on_every_interface():
+    with TCPStore("localhost", free_port(), is_server=True, timeout=5) as s:
+        assert s._server.server_address[0] in ("127.0.0.1", "::1")
+    with pytest.raises(ValueError, match="wildcard"):
+        TCPStore("0.0.0.0", free_port(), is_server=True, timeout=5)
+    if socket.has_ipv6:
+        try:
+            port = free_port("::1")
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        with TCPStore("::1", port, is_server=True, timeout=5) as s:
+            assert s._server.server_address[0] == "::1"
+            s.set("k", b"v")
+            with TCPStore("::1", port, timeout=5) as c:
+                assert c.get("k") == b"v"
+
+
+def test_store_refuses_a_wrong_token_and_oversized_requests_in_one_line(capfd):
+    port = free_port()
+    with TCPStore("127.0.0.1", port, is_server=True, timeout=5, token="right") as server:
+        with pytest.raises(ConnectionError, match="refused this process's token"):
+            TCPStore("127.0.0.1", port, timeout=5, token="wrong")
+        with TCPStore("127.0.0.1", port, timeout=5, token="right") as c:
+            with pytest.raises(ValueError, match="at most 1024 bytes"):
+                c.set("k" * 2000, b"v")
+            with pytest.raises(ValueError, match="at most 16777216 bytes"):
+                c.set("k", b"\0" * (16 << 20 | 1))
+        # a raw client that skips the hello, then one that claims a terabyte value
+        for payload in (b"MSK1S" + struct.pack(">I", 1) + b"k" + struct.pack(">Q", 1) + b"v",
+                        b"MSK1H" + struct.pack(">I", 5) + b"right" +
+                        b"MSK1S" + struct.pack(">I", 1) + b"k" + struct.pack(">Q", 1 << 40)):
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                raw.sendall(payload)
+                raw.settimeout(5)
+                while raw.recv(100):      # the server answers the hello, then hangs up
+                    pass
+        server.set("still", b"serving")
+        assert server.get("still") == b"serving"
+    err = capfd.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert "Traceback" not in err and len(lines) == 3, err
+    assert "a wrong token" in lines[0] and "before the hello" in lines[1]
+    assert "a value of 1099511627776 bytes" in lines[2]

@@ -30,7 +30,7 @@ import time
 from typing import Sequence
 
 from . import env as envvars
-from .rendezvous import free_port
+from .rendezvous import TOKEN_ENV, free_port
 
 
 def _pdeathsig_preexec():
@@ -101,6 +101,14 @@ def launch(nproc: int, argv: Sequence[str], *, nnodes: int = 1, node_rank: int =
         master_port = free_port(master_addr)
     if not 0 < int(master_port) < 65536:
         raise ValueError(f"master_port must be in 1..65535, got {master_port}")
+    if not base_env.get(TOKEN_ENV):
+        if nnodes > 1:
+            raise ValueError(f"with several nodes, export the same {TOKEN_ENV} on every node "
+                             "(e.g. the output of `python -c \"import secrets; "
+                             "print(secrets.token_hex(16))\"`): only ranks that know it may "
+                             "join the rendezvous")
+        import secrets
+        base_env[TOKEN_ENV] = secrets.token_hex(16)     # this job's ranks, and no one else
     cmd = list(child_cmd) if child_cmd is not None else [sys.executable, "-m", "minisam"]
     cmd += list(argv)
     world = nproc * nnodes

@@ -12,30 +12,60 @@ standard library only:
 
 Wire format, one request per message on a persistent connection (big-endian)::
 
-    request : b"MSK1" | op (1 byte: S, G or A) | key length u32 | key utf-8
+    request : b"MSK1" | op (1 byte: H, S, G or A) | key length u32 | key utf-8
               | S: value length u64 | value   G: timeout f64   A: amount i64
-    response: b"MSK1" | status (1 byte: 0 ok, 1 timed out) | payload length u64 | payload
+    response: b"MSK1" | status (1 byte: 0 ok, 1 timed out, 2 refused) | payload length u64
+              | payload
 
-The magic guards against talking to some other service on the same port. There is no
-authentication: like torch's TCPStore, run it on a trusted network only.
+The first request of a connection is the hello ``H`` whose key is the job's token
+(``MINISAM_RDZV_TOKEN``, a random value the launcher gives every rank; with several nodes,
+export the same one on each): the server refuses, with one line on its stderr, a client
+without it, a request before it, a key over 1 KiB or a value over 16 MiB. The server
+listens on the address it is given (loopback for a local job, IPv4 or IPv6), never on
+every interface. Still, run it on a trusted network only, as torch's TCPStore.
 """
 from __future__ import annotations
 
+import hmac
+import os
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 
 MAGIC = b"MSK1"
-_OK, _TIMEOUT = 0, 1
+_OK, _TIMEOUT, _REFUSED = 0, 1, 2
+TOKEN_ENV = "MINISAM_RDZV_TOKEN"
+MAX_KEY, MAX_VALUE = 1 << 10, 16 << 20
+
+
+class _Refused(Exception):
+    """A client broke the protocol: drop it, say why in one line."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host`` (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+    family, address = _listen_address(host)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
         return s.getsockname()[1]
+
+
+def _listen_address(host: str):
+    """(family, address) the server binds: ``host`` itself, resolved; never a wildcard."""
+    if host in ("", "0.0.0.0", "::", "*"):
+        raise ValueError(f"MASTER_ADDR {host!r} is a wildcard; give the address of node 0 "
+                         "that the other ranks reach (127.0.0.1 for one node): the store "
+                         "listens on that address only")
+    try:
+        info = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"MASTER_ADDR {host!r} does not resolve ({e})") from None
+    loop = [i for i in info if i[4][0].startswith("127.") or i[4][0] == "::1"]
+    family, _, _, _, sockaddr = (loop or info)[0]
+    return family, sockaddr[0]
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -53,18 +83,30 @@ class _Handler(socketserver.BaseRequestHandler):
         store: _StoreServer = self.server  # type: ignore[assignment]
         sock = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hello = False
         try:
             while True:
                 head = sock.recv(4, socket.MSG_WAITALL)
                 if not head:
                     return                                 # client closed: done
                 if head != MAGIC:
-                    return                                 # a stranger: drop it
+                    raise _Refused("it does not speak the minisam store protocol")
                 op = _recv_exact(sock, 1)
                 (klen,) = struct.unpack(">I", _recv_exact(sock, 4))
+                if klen > MAX_KEY:
+                    raise _Refused(f"a key of {klen} bytes (at most {MAX_KEY})")
                 key = _recv_exact(sock, klen).decode()
-                if op == b"S":
+                if op == b"H":
+                    if not hmac.compare_digest(key.encode(), store.token.encode()):
+                        self._reply(_REFUSED, b"wrong token")
+                        raise _Refused(f"a wrong token (every rank needs the same {TOKEN_ENV})")
+                    hello, status, payload = True, _OK, b""
+                elif not hello:
+                    raise _Refused("a request before the hello")
+                elif op == b"S":
                     (vlen,) = struct.unpack(">Q", _recv_exact(sock, 8))
+                    if vlen > MAX_VALUE:
+                        raise _Refused(f"a value of {vlen} bytes (at most {MAX_VALUE})")
                     value = _recv_exact(sock, vlen)
                     with store.cond:
                         store.data[key] = value
@@ -84,31 +126,32 @@ class _Handler(socketserver.BaseRequestHandler):
                         store.cond.notify_all()
                     status, payload = _OK, str(value).encode()
                 else:
-                    return
-                sock.sendall(MAGIC + bytes([status]) + struct.pack(">Q", len(payload)) + payload)
-        except (ConnectionError, OSError):
-            return
+                    raise _Refused(f"an unknown request {op!r}")
+                self._reply(status, payload)
+        except _Refused as e:
+            print(f"minisam rendezvous: dropped a connection from {self.client_address[0]}: "
+                  f"{e}", file=sys.stderr, flush=True)
+        except (ConnectionError, OSError, ValueError, UnicodeDecodeError, OverflowError):
+            return                                         # a client that went away
+
+    def _reply(self, status: int, payload: bytes):
+        self.request.sendall(MAGIC + bytes([status]) + struct.pack(">Q", len(payload)) + payload)
 
 
 class _StoreServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address):
+    def __init__(self, address, family, token: str):
         self.data: dict[str, bytes] = {}
         self.cond = threading.Condition()
+        self.token = token
+        self.address_family = family
         super().__init__(address, _Handler)
 
-
-def _bind_host(host: str) -> str:
-    """Listen on loopback only when the job is local, else on every interface."""
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET)
-        if infos and all(info[4][0].startswith("127.") for info in infos):
-            return infos[0][4][0]
-    except socket.gaierror:
-        pass
-    return "0.0.0.0"
+    def handle_error(self, request, client_address):   # one line, never a traceback
+        print(f"minisam rendezvous: dropped a connection from {client_address[0]}: "
+              f"{sys.exc_info()[1]!r}", file=sys.stderr, flush=True)
 
 
 class TCPStore:
@@ -117,12 +160,15 @@ class TCPStore:
     ``timeout`` (seconds) bounds connecting and every blocking ``get``; a client retries the
     connection until then, so ranks may start in any order."""
 
-    def __init__(self, host: str, port: int, is_server: bool = False, timeout: float = 300.0):
+    def __init__(self, host: str, port: int, is_server: bool = False, timeout: float = 300.0,
+                 token: str | None = None):
         self.host, self.port, self.timeout = host, int(port), float(timeout)
+        self.token = os.environ.get(TOKEN_ENV, "") if token is None else token
         self._server = None
         if is_server:
+            family, address = _listen_address(host)
             try:
-                self._server = _StoreServer((_bind_host(host), self.port))
+                self._server = _StoreServer((address, self.port), family, self.token)
             except OSError as e:
                 raise RuntimeError(
                     f"rank 0 could not listen on port {self.port} for the rendezvous "
@@ -132,6 +178,7 @@ class TCPStore:
                              name="minisam-store", daemon=True).start()
         self._lock = threading.Lock()            # one request at a time per client
         self._sock = self._connect()
+        self._request(b"H", self.token, b"", wait=0.0)   # the job's token first
 
     def _connect(self) -> socket.socket:
         deadline = time.monotonic() + self.timeout
@@ -152,6 +199,8 @@ class TCPStore:
 
     def _request(self, op: bytes, key: str, body: bytes, wait: float | None = None) -> bytes:
         k = key.encode()
+        if len(k) > MAX_KEY:
+            raise ValueError(f"rendezvous keys are at most {MAX_KEY} bytes, got {len(k)}")
         msg = MAGIC + op + struct.pack(">I", len(k)) + k + body
         with self._lock:
             self._sock.settimeout(None if wait is None else wait + 30.0)
@@ -163,12 +212,19 @@ class TCPStore:
             status = _recv_exact(self._sock, 1)[0]
             (n,) = struct.unpack(">Q", _recv_exact(self._sock, 8))
             payload = _recv_exact(self._sock, n)
+        if status == _REFUSED:
+            raise ConnectionError(f"the rendezvous store at {self.host}:{self.port} refused this "
+                                  f"process's token: every rank needs the same {TOKEN_ENV} "
+                                  "(the launcher sets it; with several nodes export one value "
+                                  "on every node)")
         if status == _TIMEOUT:
             raise TimeoutError(f"rendezvous: no rank set {key!r} within {wait:.0f}s; "
                                "did another rank fail to start?")
         return payload
 
     def set(self, key: str, value: bytes) -> None:
+        if len(value) > MAX_VALUE:
+            raise ValueError(f"rendezvous values are at most {MAX_VALUE} bytes, got {len(value)}")
         self._request(b"S", key, struct.pack(">Q", len(value)) + bytes(value))
 
     def get(self, key: str, timeout: float | None = None) -> bytes:
