@@ -85,3 +85,16 @@ def test_make_demo_installs_only_what_the_demo_needs():
     assert installs and not {"data", "dev"} & set(installs[0].split(","))
     assert re.search(r"^test: \$\(VENV\)/\.installed", make, re.M)
     assert "'.[dev,data]'" in make
+
+
+def test_the_final_progress_frame_shows_the_final_test_error(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    rec = Trainer(small(epochs=1), None, progress=True).fit()
+    last = term.getvalue().split("\r")[-1]
+    assert f"test_err={rec['test_error_rate']:.3f}" in last, last
