@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from minisam.cli import main
 from minisam.rundir import RunLock, load_checkpoint, read_metrics
 from minisam.train import Trainer, TrainingInterrupted
 
-from .test_train import _cli, assert_same_run, cli_env, small
+from .test_train import _cli, assert_same_run, cli_env, signal_after_first_checkpoint, small
 
 
 def one_line(capsys):
@@ -157,17 +156,10 @@ def test_a_second_signal_does_not_abort_the_final_save(tmp_path, monkeypatch):
 
 def test_sigterm_saves_and_exits_143(tmp_path):
     b = str(tmp_path / "term")
-    proc = subprocess.Popen(_cli("--out", b, "--epochs", "50"), env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    meta = os.path.join(b, "checkpoint.json")
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.path.exists(meta):
-        time.sleep(0.01)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err = signal_after_first_checkpoint(_cli("--out", b, "--epochs", "50"), b,
+                                              signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "checkpoint saved" in err and "--resume" in err
-    step = json.load(open(meta))["step"]
+    step = json.load(open(os.path.join(b, "checkpoint.json")))["step"]
     assert main(["train", "--resume", "--out", b, "--max-steps", str(step + 1),
                  "--no-progress"]) == 0

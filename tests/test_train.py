@@ -226,22 +226,28 @@ def test_ctrl_c_saves_at_step_boundary_and_resumes_exactly(tmp_path, monkeypatch
     assert_same_run(a, b)
 
 
+def signal_after_first_checkpoint(argv, run_dir, sig):
+    """Start ``argv``, send ``sig`` once ``run_dir`` has a checkpoint; (exit code, stderr)."""
+    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    meta = os.path.join(run_dir, "checkpoint.json")
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.exists(meta):
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
 def test_sigint_subprocess_exits_cleanly_with_checkpoint(tmp_path):
     b = str(tmp_path / "int")
     # a background job may inherit SIGINT as ignored: install Python's handler explicitly
     code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "from minisam.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, *_cli("--out", b, "--epochs", "50")[3:]],
-                            env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    meta = os.path.join(b, "checkpoint.json")
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.path.exists(meta):
-        time.sleep(0.01)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    code, err = signal_after_first_checkpoint(
+        [sys.executable, "-c", code, *_cli("--out", b, "--epochs", "50")[3:]], b, signal.SIGINT)
+    assert code == 130, err
     assert "Traceback" not in err and "checkpoint saved" in err and "--resume" in err
     m = load_checkpoint(b).meta
     assert m["step"] >= 45 and m["epoch"] < 50
