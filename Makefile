@@ -1,5 +1,6 @@
 # `make demo`: set up a local virtual environment with what the demo needs, run the main job.
-# `make test`: set up the same environment with the test and data extras, run the tests.
+# `make test`: set up the same environment with the test and data extras, run the tests
+# (then the gpu-marked ones again on the GPU code path, under the strict CuPy stand-in).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,5 +28,7 @@ demo: $(VENV)/.demo-installed
 verify: $(VENV)/.demo-installed
 	$(VENV)/bin/minisam verify reference_results/*.npz
 
+# then the gpu-marked tests once more, under the strict CuPy stand-in (tests/standin)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+	MINISAM_STRICT_CUPY=1 $(PY) -m pytest -q -m gpu -p no:cacheprovider
