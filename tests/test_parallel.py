@@ -285,7 +285,7 @@ class _FakeComm:
         return np.frombuffer(buf, dtype=dt)
 
     def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
-        assert op == FakeNccl.NCCL_SUM and stream == 0
+        assert op == FakeNccl.NCCL_SUM and isinstance(stream, int)
         g = self.group
         if self.rank == 0:
             self.nccl.calls.append(("allReduce", count, datatype))
@@ -495,6 +495,27 @@ def test_nccl_comm_device_choice_and_stream_switch(monkeypatch):
         xp.current = xp.cuda.Stream(7)                            # the caller switched streams
         assert comm._stream_ptr() == 7 and xp.synced == [0]       # the old one was drained
         assert comm._stream_ptr() == 7 and xp.synced == [0]
+
+
+def test_nccl_comm_drains_a_switched_from_stream_before_refilling_its_send_buffer(monkeypatch):
+    """The packed send buffers are kept from call to call and NCCL may still be reading them
+    on the previous call's stream: after a stream switch, that stream is drained first."""
+    import minisam.distributed.nccl as nccl_mod
+    events = []
+    flatten_ = nccl_mod.flatten
+    monkeypatch.setattr(nccl_mod, "flatten",
+                        lambda *a, **k: events.append("fill send buffer") or flatten_(*a, **k))
+    xp = FakeCupy(n_gpus=1)
+    streams = [xp.cuda.Stream(0), xp.cuda.Stream(7)]
+    for s in streams:
+        s.synchronize = (lambda p: lambda: events.append(f"drain stream {p}"))(s.ptr)
+    with NcclComm(0, 1, 0, "127.0.0.1", free_port(), nccl=FakeNccl(), xp=xp) as comm:
+        assert comm.device == "gpu"                 # its arrays are CuPy's (here: pretend)
+        for s in streams:
+            xp.current = s
+            out = comm.allreduce_mean(tree())
+        assert events == ["fill send buffer", "drain stream 0", "fill send buffer"]
+    np.testing.assert_array_equal(out["bn/scale"], tree()["bn/scale"])
 
 
 def test_comm_from_env():

@@ -1,7 +1,9 @@
 """Replicas inside one process: ``LocalComm`` (one replica) and ``ThreadComm`` (N threads).
 
-``ThreadComm`` runs N replicas as N threads of one process on the CPU, meeting at a
-barrier. NumPy releases the GIL in its heavy kernels, so the threads do overlap. Tests use
+``ThreadComm`` runs N replicas as N threads of one process, meeting at a barrier. On the
+CPU NumPy releases the GIL in its heavy kernels, so the threads overlap; on a GPU they
+all queue work on the caller's device and stream, which simulates N replicas (their own
+BN statistics and perturbations) without N GPUs, at no speed-up. Tests use
 it to check per-replica BN statistics and per-replica perturbations against the
 two-replica JAX reference without any GPU, and the trainer uses it for ``--replicas R``.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 
+from ..backend import thread_context
 from ..tree import mean_in_rank_order
 
 
@@ -95,7 +98,8 @@ class ReplicaThreads:
     thread, ranks 1.. in threads started once.
 
     ``run(fn)`` calls ``fn(rank, comm)`` on every replica (``comm`` its ``ThreadComm``
-    handle) and returns the results by rank. An exception in any replica (a
+    handle) and returns the results by rank. On a GPU every replica runs on the caller's
+    device and current stream (``backend.thread_context``). An exception in any replica (a
     ``KeyboardInterrupt`` in the caller's thread included) aborts the group's barrier so no
     thread hangs, waits for every replica to stop, and is re-raised in the caller."""
 
@@ -111,9 +115,11 @@ class ReplicaThreads:
             t.start()
 
     def _serve(self, rank: int):
-        while (fn := self._jobs[rank].get()) is not None:
+        while (job := self._jobs[rank].get()) is not None:
+            fn, context = job
             try:
-                self._done[rank].put((fn(rank, self.comms[rank]), None))
+                with context():
+                    self._done[rank].put((fn(rank, self.comms[rank]), None))
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 self.group.abort()
                 self._done[rank].put((None, e))
@@ -121,8 +127,9 @@ class ReplicaThreads:
     def run(self, fn) -> list:
         if not self._threads and self.size > 1:
             raise RuntimeError("these replica threads were closed")
+        context = thread_context()     # the caller's GPU and stream, in every replica
         for r in range(1, self.size):
-            self._jobs[r].put(fn)
+            self._jobs[r].put((fn, context))
         results, errors = [None] * self.size, [None] * self.size
         try:
             results[0] = fn(0, self.comms[0])

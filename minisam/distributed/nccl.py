@@ -87,6 +87,7 @@ class NcclComm:
         if xp is None or nccl is None:
             xp, nccl = self._import_cupy_nccl()
         self.xp, self.nccl = xp, nccl
+        self.device = "gpu" if hasattr(xp, "cuda") else "cpu"   # where its arrays must live
         self.device_id = self._select_device(device_id)
         self._dtypes = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
                         np.dtype(np.float64): nccl.NCCL_FLOAT64,
@@ -114,7 +115,8 @@ class NcclComm:
             import cupy
             from cupy.cuda import nccl
         except Exception as e:  # ImportError or a CUDA runtime that fails to load
-            raise RuntimeError("NcclComm needs CuPy with NCCL (pip install 'minisam[gpu]'); "
+            raise RuntimeError("NcclComm needs CuPy with NCCL (pip install "
+                               "'minisam[gpu-cuda12]' or 'minisam[gpu-cuda13]'); "
                                f"importing it failed: {e}") from e
         if not getattr(nccl, "available", False):
             raise RuntimeError(
@@ -204,8 +206,8 @@ class NcclComm:
             return {}
         xp, nccl = self.xp, self.nccl
         layout, send = self._layout(tree)
+        stream = self._stream_ptr()   # first: a switched-from stream may still read `send`
         flatten(tree, layout, xp, out=send)
-        stream = self._stream_ptr()
         recv = []
         for buf, b in zip(send, layout.buckets):
             out = xp.empty(b.size, dtype=b.dtype)
