@@ -6,11 +6,13 @@ file knows whether CuPy is installed. It also keeps the layers' scratch buffers.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import threading
 
 import numpy as np
 
-try:  # CuPy is an optional extra (`pip install minisam[gpu]`).
+try:  # CuPy is an optional extra (minisam[gpu-cuda12] or [gpu-cuda13]).
     import cupy as _cupy
 except Exception:  # ImportError, or a CUDA runtime that fails to load
     _cupy = None
@@ -44,10 +46,52 @@ def xp_for(device: str):
         if not gpu_available():
             raise RuntimeError(
                 "device 'gpu' was asked for but no usable CuPy GPU was found; "
-                "install the GPU extra (pip install 'minisam[gpu]') on a machine with "
-                "an NVIDIA GPU, or use --device cpu")
+                "install the GPU extra matching the driver's CUDA major (pip install "
+                "'minisam[gpu-cuda12]' or 'minisam[gpu-cuda13]') on a machine with an "
+                "NVIDIA GPU, or use --device cpu")
         return _cupy
     raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
+
+
+def set_tf32(enabled: bool):
+    """Let cuBLAS run float32 GEMMs (every conv and dense layer) on TF32 tensor cores, or not.
+
+    TF32 keeps float32's range but rounds the inputs of each product to a 10-bit mantissa
+    (relative error about 1e-3, against float32's 6e-8), which is far above the 1e-5 that
+    ``minisam verify`` holds to, so it is off unless asked for (``--tf32``). minisam sets it
+    explicitly either way, so an exported ``CUPY_TF32=1`` does not switch it on behind the
+    run's back. CuPy keeps the choice per process (``cupy/_core/_routines_linalg.pyx``,
+    ``set_compute_type``). A no-op without CuPy."""
+    if _cupy is None:
+        return
+    linalg = importlib.import_module("cupy._core._routines_linalg")
+    kind = linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT
+    linalg.set_compute_type(np.float32, kind)
+
+
+def tf32_enabled() -> bool:
+    """True when float32 GEMMs would run in TF32 (set_tf32, or CUPY_TF32 if never set)."""
+    if _cupy is None:
+        return False
+    linalg = importlib.import_module("cupy._core._routines_linalg")
+    return linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_TF32
+
+
+def thread_context():
+    """A context manager factory that gives another thread the calling thread's CuPy device
+    and current stream (CuPy keeps both per thread: a new thread starts on device 0 and the
+    legacy default stream). Replica threads that share one stream need no events: the
+    work each one queues runs in the order the threads queued it, so a replica reading
+    another's arrays after a barrier reads them finished. A no-op without a GPU."""
+    if not gpu_available():
+        return contextlib.nullcontext
+    device, stream = _cupy.cuda.Device().id, _cupy.cuda.get_current_stream()
+
+    @contextlib.contextmanager
+    def enter():
+        with _cupy.cuda.Device(device), stream:
+            yield
+    return enter
 
 
 def to_numpy(x):

@@ -4,8 +4,10 @@ Method (the same as benchmarks/peers/*): a fixed synthetic batch already on the 
 ``warmup`` untimed steps, then ``steps`` timed steps, each synchronised with the device
 before the clock stops; we report the median. SGD is ``train_step`` with rho = 0 (one
 forward and backward), SAM the same function with rho > 0 (two of each), so their ratio
-shows the price of sharpness-awareness (ideally about 2). Peak memory is the CuPy memory
-pool's high-water mark on a GPU and the process's peak RSS on a CPU.
+shows the price of sharpness-awareness (ideally about 2). Peak memory is the most bytes
+live at once in CuPy's pool on a GPU (``peak_live_hook``: what PyTorch's
+``max_memory_allocated`` reports; the pool's size, cached blocks included, is ``pool_mb``)
+and the process's peak RSS on a CPU.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 import numpy as np
 
 from . import __version__
-from .backend import to_device, xp_for
+from .backend import set_tf32, to_device, xp_for
 from .models import wide_resnet
 from .optim import nesterov_init
 from .sam import SAMConfig, train_step
@@ -63,13 +65,47 @@ def _time_steps(run, device, warmup, steps):
     return statistics.median(times)
 
 
+class _NoPeak:
+    peak = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def peak_live_hook(xp):
+    """A context manager whose ``peak`` is the most bytes live at once in CuPy's default
+    pool while it is active: a ``cupy.cuda.MemoryHook`` reading ``used_bytes()`` after
+    every allocation. That is what ``torch.cuda.max_memory_allocated`` measures; the pool's
+    ``total_bytes()`` also counts cached free blocks. Memory hooks are per thread in CuPy.
+    A no-op (peak 0) for NumPy."""
+    if xp is np:
+        return _NoPeak()
+    pool = xp.get_default_memory_pool()
+
+    class PeakLive(xp.cuda.MemoryHook):
+        name = "minisam_bench_peak_live"
+
+        def __init__(self):
+            self.peak = pool.used_bytes()
+
+        def malloc_postprocess(self, **kwargs):
+            self.peak = max(self.peak, pool.used_bytes())
+    return PeakLive()
+
+
 def bench(model="wrn16_4", batch_size=32, device="cpu", warmup=2, steps=10, num_classes=10,
-          rho=0.05, seed=0) -> dict:
+          rho=0.05, seed=0, tf32=False) -> dict:
     """Time SGD and SAM steps; return a dict in the schema shared with benchmarks/peers."""
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, "
                          f"{steps}, {warmup}")
+    if tf32 and device != "gpu":
+        raise ValueError("--tf32 needs --device gpu (NumPy has no TF32)")
     xp = xp_for(device)
+    set_tf32(tf32)
     net = wide_resnet(model, num_outputs=num_classes, seed=seed)
     rng = np.random.default_rng(seed)
     x = to_device(rng.standard_normal((batch_size, 32, 32, 3)).astype(np.float32), device)
@@ -81,22 +117,25 @@ def bench(model="wrn16_4", batch_size=32, device="cpu", warmup=2, steps=10, num_
     momentum = nesterov_init(params)
     if device == "gpu":
         xp.get_default_memory_pool().free_all_blocks()
-    peak = {"bytes": 0}
 
     def runner(cfg):
         def run():
             # the step's outputs are discarded: every timed step starts from the same weights
             train_step(net, params, state, momentum, x, y, 0.1, cfg)
-            if device == "gpu":
-                peak["bytes"] = max(peak["bytes"], xp.get_default_memory_pool().total_bytes())
         return run
 
-    sgd = _time_steps(runner(SAMConfig(rho=0.0, gradient_clipping=0.0)), device, warmup, steps)
-    sam = _time_steps(runner(SAMConfig(rho=rho, gradient_clipping=0.0)), device, warmup, steps)
+    peaks = {}
+    for name, r in (("sgd", 0.0), ("sam", rho)):
+        with peak_live_hook(xp) as hook:
+            peaks[name] = _time_steps(runner(SAMConfig(rho=r, gradient_clipping=0.0)), device,
+                                      warmup, steps), hook.peak / 2**20
+    (sgd, sgd_mb), (sam, sam_mb) = peaks["sgd"], peaks["sam"]
+    pool_mb = None
     if device == "gpu":
-        peak_mb = peak["bytes"] / 2**20
+        peak_mb = max(sgd_mb, sam_mb)
+        pool_mb = xp.get_default_memory_pool().total_bytes() / 2**20
     else:  # ru_maxrss is in KiB on Linux: the process-wide high-water mark
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = sgd_mb = sam_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     versions = {"minisam": __version__, "numpy": np.__version__, "python": sys.version.split()[0]}
     if device == "gpu":
         import cupy
@@ -106,9 +145,11 @@ def bench(model="wrn16_4", batch_size=32, device="cpu", warmup=2, steps=10, num_
             "sgd_ms": sgd * 1e3, "sam_ms": sam * 1e3,
             "sgd_images_per_s": batch_size / sgd, "sam_images_per_s": batch_size / sam,
             "sam_sgd_ratio": sam / sgd, "peak_memory_mb": peak_mb,
-            "peak_memory_kind": "cupy pool" if device == "gpu" else "process peak RSS",
-            "warmup": warmup, "steps": steps, "dtype": "float32", "versions": versions,
-            "error": None}
+            "sgd_peak_memory_mb": sgd_mb, "sam_peak_memory_mb": sam_mb, "pool_mb": pool_mb,
+            "peak_memory_kind": ("peak live bytes in the CuPy pool (MemoryHook)"
+                                 if device == "gpu" else "process peak RSS"),
+            "tf32": bool(tf32), "warmup": warmup, "steps": steps,
+            "dtype": "tf32 GEMMs" if tf32 else "float32", "versions": versions, "error": None}
 
 
 def format_result(r: dict) -> str:
@@ -116,4 +157,6 @@ def format_result(r: dict) -> str:
             f"  SGD step {r['sgd_ms']:9.1f} ms  {r['sgd_images_per_s']:9.1f} images/s\n"
             f"  SAM step {r['sam_ms']:9.1f} ms  {r['sam_images_per_s']:9.1f} images/s\n"
             f"  SAM/SGD  {r['sam_sgd_ratio']:9.2f}\n"
-            f"  peak memory {r['peak_memory_mb']:.0f} MiB ({r['peak_memory_kind']})")
+            f"  peak memory {r['peak_memory_mb']:.0f} MiB ({r['peak_memory_kind']})"
+            + (f"; CuPy pool {r['pool_mb']:.0f} MiB" if r.get("pool_mb") is not None else "")
+            + ("\n  TF32 GEMMs (not plain float32)" if r.get("tf32") else ""))

@@ -68,6 +68,21 @@ def _default_out(cfg, args) -> str:
     return os.path.join("runs", f"{name}-seed{cfg.seed}")
 
 
+def _device(args) -> str:
+    """The device this train command will run on: the flag, else the resumed run's or the
+    preset's, else the default (a missing run is reported later, by the Trainer)."""
+    from .presets import preset
+    from .rundir import read_config
+    if args.device:
+        return args.device
+    try:
+        saved = read_config(args.out) if args.resume and args.out else {}
+    except (OSError, ValueError, KeyError):
+        saved = {}
+    given = preset(args.preset) if args.preset else {}
+    return saved.get("device") or given.get("device") or DEFAULTS["device"]
+
+
 def cmd_train(args) -> int:
     from .distributed.env import world_size
     from .train import Trainer
@@ -77,9 +92,9 @@ def cmd_train(args) -> int:
         from .distributed.launch import relaunch_on_gpus
         return relaunch_on_gpus(args.gpus, args.argv, args.device)
     comm = None
-    if world_size() > 1:   # a rank started by minisam.launch (or torchrun, ...)
+    if world_size() > 1:   # a rank started by minisam.launch, torchrun, srun or mpirun
         from .distributed import comm_from_env
-        comm = comm_from_env(device="gpu")
+        comm = comm_from_env(device=_device(args))   # refuses the CPU in one line
     kw = dict(max_steps=args.max_steps, progress=not args.no_progress, comm=comm)
     if args.resume:
         if not args.out:
@@ -172,6 +187,9 @@ def _train_parser(sub):
                    help="run as N processes, one per GPU, over NCCL (python -m minisam.launch "
                         "--nproc N -- train ...); implies --device gpu")
     g.add_argument("--device", choices=DEVICES, help=f"NumPy or CuPy {_default('device')}")
+    g.add_argument("--tf32", action="store_const", const=True,
+                   help="GPU only: run float32 matrix products on TF32 tensor cores (faster, "
+                        "about 1e-3 relative error per product; default off: plain float32)")
     g.add_argument("--seed", type=int, help="model init, data order, augmentation and label "
                    f"noise all derive from it {_default('seed')}")
     g = t.add_argument_group("data augmentation and noise")
@@ -207,28 +225,13 @@ def _train_parser(sub):
 # eval, plot, demo
 
 def cmd_eval(args) -> int:
-    from .backend import tree_to_device
-    from .data import load_dataset
-    from .distributed.replicas import Replicas
-    from .rundir import load_checkpoint
-    from .evaluate import evaluate
-    from .train import model_from_checkpoint
-    ck = load_checkpoint(args.checkpoint)
-    cfg = ck.config
-    device = args.device or cfg.device
-    dataset = args.dataset or cfg.dataset
-    image_size = cfg.image_size if dataset == cfg.dataset else None
-    train, test = load_dataset(dataset, args.data_dir or cfg.data_dir,
-                               args.data_source or cfg.data_source, image_size, cfg.validation)
-    data = train if args.split == "train" else test
-    model = model_from_checkpoint(ck, data.num_classes, data.image_shape[-1])
-    res = evaluate(Replicas(), [model], tree_to_device(ck.params, device),
-                   tree_to_device(ck.state, device), data,
-                   args.batch_size or cfg.eval_batch_size or cfg.batch_size,
-                   cfg.label_smoothing, device)
-    m, err = ck.meta, res["error_rate"]
-    print(f"{dataset} {data.split} ({len(data)} examples), checkpoint epoch {m['epoch']} step "
-          f"{m['step']}: loss {res['loss']:.4f}, error {err:.2%}, accuracy {1 - err:.2%}")
+    from .evaluate import evaluate_checkpoint
+    res, data, meta = evaluate_checkpoint(args.checkpoint, args.split, args.device,
+                                          args.dataset, args.data_dir, args.data_source,
+                                          args.batch_size)
+    err = res["error_rate"]
+    print(f"{data.name} {data.split} ({len(data)} examples), checkpoint epoch {meta['epoch']} "
+          f"step {meta['step']}: loss {res['loss']:.4f}, error {err:.2%}, accuracy {1 - err:.2%}")
     return 0
 
 
@@ -311,6 +314,10 @@ def cmd_verify(args) -> int:
     from .ties import describe_tie
     from .verify import format_steps, verify_case
     xp_for(args.device)  # fail early and clearly if the GPU is unusable
+    if os.environ.get("CUPY_TF32", "0") not in ("", "0"):
+        print("minisam verify: CUPY_TF32 is ignored here: the cases are compared to 1e-5, and "
+              "TF32 products carry about 1e-3 relative error, so verify runs plain float32",
+              file=sys.stderr)
     failed = False
     for case in args.cases:
         report = verify_case(case, args.device, resolve_ties=not args.no_ties)
@@ -356,7 +363,7 @@ def cmd_bench(args) -> int:
     from .bench import bench, format_result
     from .rundir import atomic_write
     r = bench(args.model, args.batch_size, args.device, args.warmup, args.steps,
-              args.num_classes, args.rho)
+              args.num_classes, args.rho, tf32=args.tf32)
     print(format_result(r))
     if args.json:
         atomic_write(args.json, json.dumps(r, indent=1).encode())
@@ -382,6 +389,8 @@ def _bench_parser(sub):
     b.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
     b.add_argument("--rho", type=float, default=0.05,
                    help="SAM radius for the SAM step (default 0.05)")
+    b.add_argument("--tf32", action="store_true",
+                   help="GPU only: float32 matrix products on TF32 tensor cores (default off)")
     b.add_argument("--json", metavar="OUT.json", help="also write the result as JSON here")
     return b, cmd_bench
 

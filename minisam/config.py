@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     replicas: int = 1
     device: str = "cpu"
+    tf32: bool = False                 # GPU: float32 GEMMs on TF32 tensor cores (backend.set_tf32)
     eval_batch_size: int | None = None  # None: batch_size
 
     def __post_init__(self):
@@ -91,6 +92,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not integer(v) or v < 0):
                 bad(name, "a non-negative integer or None")
+        if self.tf32 is not False and (self.tf32 is not True or self.device != "gpu"):
+            raise ValueError(f"tf32 must be True or False and needs device 'gpu' (NumPy has no "
+                             f"TF32), got tf32={self.tf32!r} with device {self.device!r}")
         for name in ("validation", "flip"):
             v = getattr(self, name)
             if not (isinstance(v, bool) or (name == "flip" and v is None)):

@@ -28,3 +28,38 @@ def evaluate(replicas: Replicas, models: list, params: dict, state: dict, datase
 
     loss, err, count = (float(v) for v in to_numpy(replicas.mean(replicas.run(replica))["t"]))
     return {"loss": loss / count, "error_rate": err / count}
+
+
+def evaluate_checkpoint(path: str, split: str = "test", device=None, dataset=None,
+                        data_dir=None, data_source=None, batch_size=None):
+    """``minisam eval``: a checkpoint (or run directory) on a split of its dataset (or of
+    ``dataset``), each ``None`` argument taken from the run's config. Returns
+    (``evaluate``'s dict, the Dataset, the checkpoint's meta)."""
+    from .backend import tree_to_device
+    from .data import load_dataset
+    from .rundir import load_checkpoint
+    ck = load_checkpoint(path)
+    cfg = ck.config
+    device = device or cfg.device
+    dataset = dataset or cfg.dataset
+    image_size = cfg.image_size if dataset == cfg.dataset else None
+    train, test = load_dataset(dataset, data_dir or cfg.data_dir,
+                               data_source or cfg.data_source, image_size, cfg.validation)
+    data = train if split == "train" else test
+    model = model_from_checkpoint(ck, data.num_classes, data.image_shape[-1])
+    res = evaluate(Replicas(), [model], tree_to_device(ck.params, device),
+                   tree_to_device(ck.state, device), data,
+                   batch_size or cfg.eval_batch_size or cfg.batch_size, cfg.label_smoothing,
+                   device)
+    return res, data, ck.meta
+
+
+def model_from_checkpoint(ckpt, num_classes: int, in_channels: int):
+    """A WideResnet of the checkpoint's (``rundir.Checkpoint``) config, with its parameters
+    and averaged BN state: what ``minisam eval`` evaluates."""
+    from .models import wide_resnet
+    cfg = ckpt.config
+    model = wide_resnet(cfg.model, num_outputs=num_classes, in_channels=in_channels, seed=cfg.seed)
+    model.set_params(ckpt.params)
+    model.set_state(ckpt.state)
+    return model

@@ -44,7 +44,7 @@ import numpy as np
 
 from . import __version__
 from . import rundir
-from .backend import get_xp, to_numpy, tree_to_device, xp_for
+from .backend import get_xp, set_tf32, to_numpy, tree_to_device, xp_for
 from .config import TrainConfig, resume_conflicts
 from .data import Loader, load_dataset
 from .evaluate import evaluate
@@ -156,6 +156,10 @@ class Trainer:
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
             raise ValueError(f"max_steps must be a non-negative integer or None, got {max_steps!r}")
         xp_for(config.device)  # fail early if the GPU is unusable
+        set_tf32(config.tf32)  # explicitly, either way (CUPY_TF32 does not decide)
+        if getattr(comm, "device", config.device) != config.device:
+            raise ValueError(f"the communicator's arrays live on {comm.device!r} but the run's "
+                             f"device is {config.device!r}; use --device {comm.device}")
         self.cfg, self.out_dir, self.max_steps = config, out_dir, max_steps
         self.replicas = Replicas(config.replicas if comm is None else 1, comm)
         self.progress = progress and self.replicas.main
@@ -436,12 +440,3 @@ class Trainer:
 def train(config: TrainConfig, out_dir: str | None = None, **kwargs) -> dict:
     """``Trainer(config, out_dir, **kwargs).fit()``."""
     return Trainer(config, out_dir, **kwargs).fit()
-
-
-def model_from_checkpoint(ckpt: rundir.Checkpoint, num_classes: int, in_channels: int):
-    """A WideResnet of the checkpoint's config, with its parameters and averaged BN state."""
-    cfg = ckpt.config
-    model = wide_resnet(cfg.model, num_outputs=num_classes, in_channels=in_channels, seed=cfg.seed)
-    model.set_params(ckpt.params)
-    model.set_state(ckpt.state)
-    return model

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import set_tf32, tf32_enabled
 from .reference import GRAD_RTOL, VALUE_RTOL, compare, load_case, run_case, sync_modes
 from .ties import ReluTies, candidates, disagreements
 
@@ -48,6 +49,18 @@ ACCEPT = 0.75   # a flip is kept if it cuts the step's squared distance to the r
 
 def verify_case(npz_path: str, device: str = "cpu", resolve_ties: bool = True,
                 chained: bool = True, max_trials: int = 96) -> Report:
+    """``_verify_case`` in plain float32 GEMMs whatever the process's TF32 setting: TF32's
+    relative error (about 1e-3) is a hundred times the tolerance (``backend.set_tf32``)."""
+    was = tf32_enabled()
+    set_tf32(False)
+    try:
+        return _verify_case(npz_path, device, resolve_ties, chained, max_trials)
+    finally:
+        set_tf32(was)
+
+
+def _verify_case(npz_path: str, device: str = "cpu", resolve_ties: bool = True,
+                 chained: bool = True, max_trials: int = 96) -> Report:
     """Load one case, run every step from the reference's own previous state, compare.
 
     If a step fails and ``resolve_ties``, its candidate ReLU ties (``ties.ReluTies``: inputs
