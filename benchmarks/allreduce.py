@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     if not gpu_available():
         print("benchmarks/allreduce.py: no usable CuPy GPU found; this benchmark times NCCL "
               "all-reduce on GPUs, so nothing was measured. Run it on a GPU machine (with "
-              "`pip install 'minisam[gpu]'`), or use --estimate for the bandwidth model.",
+              "`pip install 'minisam[gpu-cuda12]'` or `[gpu-cuda13]`), or use --estimate for "
+              "the bandwidth model.",
               file=sys.stderr)
         return 1
     try:
