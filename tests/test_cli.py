@@ -115,6 +115,8 @@ def test_presets_and_explicit_flags_override():
     (["train", "--resume"], "--resume needs --out"),
     (["train", "--resume", "--out", "/nonexistent"], "no checkpoint"),
     (["train", "--dataset", "digits", "--device", "gpu"], "gpu"),
+    (["train", "--dataset", "digits", "--tf32"], "needs device 'gpu'"),
+    (["bench", "--model", "wrn10_1", "--tf32"], "--tf32 needs --device gpu"),
     (["eval", "/nonexistent"], "no checkpoint"),
     (["plot", "/nonexistent"], "not a directory"),
     (["demo", "--epochs", "0"], "--epochs"),
