@@ -35,6 +35,8 @@ class Communicator(Protocol):
 
     rank: int
     size: int
+    # optional: ``device`` ("cpu" or "gpu") where its arrays must live (NcclComm: "gpu");
+    # the Trainer refuses a run on another device
 
     def allreduce_mean(self, tree: dict) -> dict:
         """The mean over ranks of every array (``lax.pmean(tree, 'batch')``)."""
@@ -52,13 +54,15 @@ class Communicator(Protocol):
 def comm_from_env(device: str = "gpu", nccl: bool | None = None, env=None, **kwargs):
     """The communicator for this process.
 
-    ``nccl=None`` (auto): an ``NcclComm`` built from the environment when it says
-    ``WORLD_SIZE > 1`` (as set by ``python -m minisam.launch``), else ``LocalComm()``.
+    ``nccl=None`` (auto): an ``NcclComm`` built from the environment when it says there
+    is more than one process (``python -m minisam.launch`` or torchrun: WORLD_SIZE; Open
+    MPI's mpirun; Slurm's srun: ``env.launcher_env``), else ``LocalComm()``.
     ``nccl=True`` forces an NcclComm (even for one process), ``nccl=False`` forces
     ``LocalComm``. Multi-process runs need ``device='gpu'``: on the CPU, use thread
     replicas. ``kwargs`` go to ``NcclComm``."""
+    from .env import launcher_env
     from .local import LocalComm
-    env = os.environ if env is None else env
+    env = launcher_env(os.environ if env is None else env)   # torchrun, mpirun or srun
     world = world_size(env)
     use_nccl = world > 1 if nccl is None else bool(nccl)
     if not use_nccl:
