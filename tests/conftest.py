@@ -1,8 +1,11 @@
 """With MINISAM_STRICT_CUPY=1, ``import cupy`` gives the strict stand-in in tests/standin
 (here and in every subprocess a test starts), and a ``gpu`` test that skips fails: under
 the stand-in there is no "no GPU" to skip for. ``make test`` runs ``pytest -m gpu`` so."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -15,6 +18,9 @@ if STRICT:
         [STANDIN] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     import cupy
     assert cupy.__version__.endswith("strict-standin"), cupy.__file__
+    _nccl_dir = tempfile.mkdtemp(prefix="minisam-standin-nccl-")   # the stand-in NCCL's files
+    os.environ.setdefault("MINISAM_STANDIN_NCCL_DIR", _nccl_dir)
+    atexit.register(shutil.rmtree, _nccl_dir, True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -59,7 +59,9 @@ def test_failing_steps_do_not_stop_the_others_and_the_budget_skips(tmp_path):
 def test_the_nccl_step_passes_under_the_strict_cupy_standin(tmp_path):
     """NcclComm (world size 1 and 2 ranks through the launcher, over the stand-in's NCCL)
     against ThreadComm on two SAM steps, both perturbation modes: what step e compares."""
-    r = run(tmp_path, PYTHONPATH=STANDIN, GPU_CHECK_ONLY="env,e_nccl")
+    (tmp_path / "nccl").mkdir()
+    r = run(tmp_path, PYTHONPATH=STANDIN, GPU_CHECK_ONLY="env,e_nccl",
+            MINISAM_STANDIN_NCCL_DIR=str(tmp_path / "nccl"))
     rows = summary(tmp_path)
     assert rows["env"] == "PASS" and rows["e_nccl"] == "PASS", r.stdout[-3000:]
     assert all(rows[s] == "-" for s in STEPS if s not in ("env", "e_nccl"))

@@ -22,6 +22,7 @@ NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64 = 6, 7, 8
 _DTYPES = {NCCL_FLOAT16: np.float16, NCCL_FLOAT32: np.float32, NCCL_FLOAT64: np.float64}
 TIMEOUT = float(os.environ.get("MINISAM_STANDIN_NCCL_TIMEOUT", "60"))
 PREFIX = b"minisam-standin-nccl:"
+FOLDER_ENV = "MINISAM_STANDIN_NCCL_DIR"   # where the folders go (tests/conftest.py: a temp dir)
 
 
 def get_version() -> int:
@@ -33,7 +34,7 @@ def get_build_version() -> int:
 
 
 def get_unique_id() -> bytes:
-    folder = tempfile.mkdtemp(prefix="minisam-nccl-")
+    folder = tempfile.mkdtemp(prefix="minisam-nccl-", dir=os.environ.get(FOLDER_ENV) or None)
     raw = PREFIX + folder.encode()
     if len(raw) > 128:
         raise RuntimeError(f"temporary folder name too long for a unique id: {folder}")
