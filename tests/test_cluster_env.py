@@ -7,6 +7,7 @@ import pytest
 
 from minisam.distributed import comm_from_env
 from minisam.distributed.env import first_host, launcher_env, rank_info, world_size
+from minisam.distributed.local import LocalComm
 from minisam.distributed.nccl import NcclComm
 from minisam.distributed.rendezvous import free_port
 from tests.test_parallel import FakeNccl
@@ -17,6 +18,18 @@ from tests.test_parallel import FakeNccl
     ("a[3-5]b", "a3b"), ("rack[1-2]-n[08-09]", "rack1-n08"), ("x,y[1-2]", "x")])
 def test_first_host_of_a_slurm_hostlist(nodelist, host):
     assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("nodelist, host", [("gpu[7] cpu3", "gpu7"), (" ,n[010-012]", "n010")])
+def test_first_host_blank_separators_and_padding(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("nodelist", ["", "gpu[01-04", "gpu[a-b]", "gpu]3", "n{1..4}"])
+def test_an_unreadable_hostlist_is_one_line_naming_master_addr(nodelist):
+    with pytest.raises(ValueError, match="export MASTER_ADDR") as e:
+        first_host(nodelist)
+    assert "\n" not in str(e.value)
 
 
 def slurm(rank, ntasks=4, **kw):
@@ -40,17 +53,37 @@ def test_srun_step_ranks():
         "master_addr"] == "10.0.0.1"
 
 
+def test_srun_master_from_the_step_then_the_job_node_list():
+    assert rank_info(slurm(1, SLURM_STEP_NODELIST="n[5-6]"))["master_addr"] == "n5"
+    job_only = {k: v for k, v in slurm(1).items() if k != "SLURM_STEP_NODELIST"}
+    assert rank_info({**job_only, "SLURM_JOB_NODELIST": "a7,b1"})["master_addr"] == "a7"
+    assert rank_info(slurm(0, MASTER_PORT="31000"))["master_port"] == 31000
+
+
 def test_a_batch_script_outside_srun_is_one_process():
     env = {k: v for k, v in slurm(0).items() if k != "SLURM_STEP_NUM_TASKS"}
     assert world_size(env) == 1
     assert world_size({}) == 1
+    assert isinstance(comm_from_env("cpu", env=env), LocalComm)   # not refused on the CPU
+
+
+def test_a_bad_scheduler_variable_is_one_line_naming_it():
+    with pytest.raises(ValueError, match="SLURM_STEP_NUM_TASKS must be an integer") as e:
+        world_size(slurm(0, ntasks="four"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="OMPI_COMM_WORLD_RANK must be an integer"):
+        rank_info(ompi(0, OMPI_COMM_WORLD_RANK="zero"))
 
 
 def test_mpirun_on_one_node_and_on_several():
     assert rank_info(ompi(1)) == dict(rank=1, size=2, local_rank=1, master_addr="127.0.0.1",
                                       master_port=29500)
-    with pytest.raises(ValueError, match="export MASTER_ADDR"):
+    with pytest.raises(ValueError, match="export MASTER_ADDR") as e:
         rank_info(ompi(1, size=4, local_size=2))
+    assert "mpirun -x MASTER_ADDR=" in str(e.value) and "\n" not in str(e.value)
+    unknown = {k: v for k, v in ompi(1, size=4).items() if k != "OMPI_COMM_WORLD_LOCAL_SIZE"}
+    with pytest.raises(ValueError, match="export MASTER_ADDR"):
+        rank_info(unknown)                           # cannot tell: not assumed one node
     assert rank_info(ompi(1, size=4, local_size=2, MASTER_ADDR="n0"))["master_addr"] == "n0"
 
 

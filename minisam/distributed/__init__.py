@@ -12,7 +12,8 @@ A tree is a flat dict of arrays (parameters, gradients, BN state).
 * ``rendezvous``: the TCP store through which the processes of a job find each other;
 * ``launch``: ``python -m minisam.launch``, one process per GPU;
 * ``replicas``: ``Replicas``, the topology of one training run as the trainer sees it;
-* ``env``: the variables a launcher sets (RANK, WORLD_SIZE, ...).
+* ``env``: which launcher started this process (minisam.launch/torchrun, mpirun, srun) and
+  the variables it sets (RANK, WORLD_SIZE, ...), read in one place.
 
 Importing this package (or ``local``) loads no NCCL and no socket code: ``sam.py`` sees a
 communicator only through the contract below.
@@ -67,11 +68,11 @@ def comm_from_env(device: str = "gpu", nccl: bool | None = None, env=None, **kwa
     use_nccl = world > 1 if nccl is None else bool(nccl)
     if not use_nccl:
         if world > 1:
-            raise ValueError(f"WORLD_SIZE={world} but NCCL was turned off; one process cannot "
-                             "stand for several ranks")
+            raise ValueError(f"the environment says {world} processes but NCCL was turned off; "
+                             "one process cannot stand for several ranks")
         return LocalComm()
     if device != "gpu":
-        raise ValueError(f"multi-process data parallelism (WORLD_SIZE={world}) runs on GPUs "
+        raise ValueError(f"multi-process data parallelism ({world} processes) runs on GPUs "
                          "with NCCL; use --device gpu, or thread replicas on the CPU")
     from .nccl import NcclComm
     if RANK not in env and world == 1:   # forced NCCL for a lone process: fill in defaults
