@@ -18,9 +18,10 @@ Example::
     python benchmarks/run_all.py --device cpu --models wrn16_4 --batch-size 32 \
         --warmup 2 --steps 10 --threads 2
 
-Peak memory is the GPU allocator's peak on GPU, but the peak RSS of the whole process on
-CPU (interpreter, framework and compiler included), so CPU memory ratios compare whole
-processes, not just tensors.
+Peak memory on GPU is peak live bytes (minisam: CuPy's pool in use, from a memory hook;
+PyTorch: ``max_memory_allocated``), the pools' sizes apart. On CPU it is the peak RSS of
+the whole process (interpreter, framework and compiler included), so CPU memory ratios
+compare whole processes, not just tensors.
 """
 from __future__ import annotations
 

@@ -309,7 +309,7 @@ def run_row(args) -> dict:
 
 def error_row(args, framework: str, msg: str) -> dict:
     return common.make_row(framework, "", args, None, None, None, {"torch": torch.__version__},
-                           error=msg)
+                           error=msg, tf32=bool(args.tf32 and args.device != "cpu"))
 
 
 def run_child(args, mode: str, timeout: float) -> dict:
