@@ -4,6 +4,9 @@ import pytest
 
 from minisam.nn import (AvgPool, BatchNorm, Conv, Dense, GlobalAvgPool, ReLU, Shortcut,
                         conv2d_loop, conv2d_loop_backward, same_padding, softmax_cross_entropy)
+from minisam.backend import workspace
+from minisam.nn.batchnorm import batchnorm_reference, batchnorm_reference_backward
+from minisam.nn.conv import im2col, im2col_strided, zero_pad
 from minisam.nn.loss import error_rate, one_hot
 from tests.gradcheck import directional_check
 
@@ -46,6 +49,53 @@ def test_fast_conv_matches_loop_conv(stride, size):
     dx_loop, dk_loop = conv2d_loop_backward(x, k, dy, stride)
     np.testing.assert_allclose(dx, dx_loop, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(layer.grads["kernel"], dk_loop, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,size,k", [(1, 6, 3), (2, 6, 3), (2, 7, 3), (3, 8, 3), (1, 5, 1)])
+def test_strided_im2col_is_the_slice_copy(stride, size, k):
+    """The fast im2col (one copy of a strided view) gives the slice-by-slice matrix exactly."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, size, size, 3))
+    oh = -(-(size - k + 1) // stride)   # VALID output size of the already padded input
+    plain = im2col(x, k, k, stride, oh, oh)
+    np.testing.assert_array_equal(im2col_strided(x, k, k, stride, oh, oh), plain)
+    out = np.full_like(plain, np.nan)
+    assert im2col_strided(x, k, k, stride, oh, oh, out) is out
+    np.testing.assert_array_equal(out, plain)
+
+
+@pytest.mark.parametrize("pads", [(1, 1, 1, 1), (0, 1, 0, 1), (2, 0, 1, 3), (0, 0, 0, 0)])
+def test_zero_pad_into_a_dirty_workspace_equals_pad(pads):
+    """The scratch form zeroes the border each time: a workspace left full of garbage by
+    another user still gives exactly np.pad's result."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 5, 4, 3))
+    t, b, l, r = pads
+    expected = np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)))
+    workspace(expected.shape, x)[...] = 7.0
+    np.testing.assert_array_equal(zero_pad(x, pads, scratch=True), expected)
+    np.testing.assert_array_equal(zero_pad(x, pads), expected)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_fast_form_matches_the_formula(train):
+    """BatchNorm's three-pass backward and single-pass statistics against the formulas
+    written plainly (batchnorm_reference*), in float64."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 3, 5, 6)) * 2 + 1
+    dy = rng.standard_normal(x.shape)
+    bn = BatchNorm(6)
+    bn.params = {"scale": rng.uniform(0.5, 1.5, 6), "bias": rng.standard_normal(6)}
+    bn.state = {"mean": rng.standard_normal(6), "var": rng.uniform(0.5, 2, 6)}
+    scale, bias = bn.params["scale"], bn.params["bias"]
+    given = (None, None) if train else (bn.state["mean"], bn.state["var"])
+    y_ref, mean, var = batchnorm_reference(x, scale, bias, *given)
+    y = bn.forward(x, train)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    dx, dscale, dbias = bn.backward(dy)[...], bn.grads["scale"], bn.grads["bias"]
+    for got, want in zip((dx, dscale, dbias),
+                         batchnorm_reference_backward(x, dy, scale, mean, var, train=train)):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
 
 
 def test_xla_same_padding():
