@@ -654,7 +654,11 @@ plt.tight_layout()
 plt.show()
 '''))
     c.append(md(r"""
-`Conv.forward` is im2col plus one GEMM; `Conv.backward` is two more GEMMs,
+`Conv.forward` is im2col plus one GEMM. It calls `im2col_strided`, which builds the same
+matrix as one copy out of a strided *view* of the padded input (the view's strides step
+through each pixel kh*kw times; no data moves until the copy), faster than the nine slice
+copies above because NumPy then copies kw*C contiguous floats at a time instead of C
+(the tests hold the two equal). `Conv.backward` is two more GEMMs,
 $\partial L/\partial k = \text{cols}^\top \bar y$ and $\partial L/\partial\,\text{cols} = \bar y\, k^\top$,
 and `col2im`, the adjoint of the copy, which adds every row back onto the pixels it came from
 (pixels read by several windows collect several contributions).
@@ -721,6 +725,13 @@ $$
 
 which reuses the two parameter gradients. In eval mode $\mu, \sigma^2$ are the running
 statistics, constants, and $\partial L/\partial x = \bar y\,\gamma/\sqrt{\sigma^2+\varepsilon}$.
+
+The code computes exactly this, rearranged for speed: expanding the bracket gives
+$\partial L/\partial x = a\,\bar y - b\,(x-\mu) - c$ with per-channel
+$a = \gamma/\sqrt{\sigma^2+\varepsilon}$, $b = a\sum\bar y\,\hat x / (M\sqrt{\sigma^2+\varepsilon})$ and
+$c = a\sum\bar y/M$: three passes over the data, and $\hat x$ is never stored
+(`batchnorm_reference_backward` in the same file is the formula as written, and the tests
+hold the two equal).
 """))
     c.append(code('''
 print(inspect.getsource(BatchNorm.backward))
