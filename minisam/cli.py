@@ -5,23 +5,18 @@ Commands: ``demo`` (SGD vs SAM on noisy digits, offline), ``train``, ``eval``, `
 that declares its flags and a ``cmd_<name>`` that calls the library. User mistakes print
 one line and exit with status 2. Set MINISAM_DEBUG=1 to see tracebacks.
 
-The ``train`` flags are the fields of ``config.TrainConfig``: their names, choices and
-defaults are read from there (and ``backend.DEVICES``, ``data.DATASETS``/``SOURCES``).
+The ``train`` command lives in ``cli_train.py``; its flags are the fields of
+``config.TrainConfig``, their names, choices and defaults read from there.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 from .backend import DEVICES
-from .config import DEFAULTS, FIELDS, SCHEDULES, SMALL_DATASET_MODEL
+from .cli_train import UserError, train_parser
 from .data import DATASETS, SOURCES
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag value, missing file): one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,194 +26,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def say(rank: int, msg: str):
-    if rank == 0:
-        print(msg, file=sys.stderr)
-
-
-def _default(name: str) -> str:
-    return f"(default {DEFAULTS[name]})"
-
-
 # ---------------------------------------------------------------------------------------
-# train
+# train (declared in cli_train.py)
 
-def _explicit(args) -> dict:
-    """The TrainConfig fields given on the command line (their argparse default is None)."""
-    return {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
-
-
-def build_config(args):
-    """TrainConfig from defaults < preset < explicit flags."""
-    from .config import TrainConfig
-    from .presets import preset
-    values = preset(args.preset) if args.preset else {}
-    values.update(_explicit(args))
-    if "dataset" not in values:
-        raise UserError(f"choose a dataset with --dataset ({', '.join(DATASETS)}) or a setup "
-                        "with --preset")
-    if "model" not in values and values["dataset"] in ("digits", "synthetic"):
-        values["model"] = SMALL_DATASET_MODEL
-    return TrainConfig(**values)
-
-
-def _default_out(cfg, args) -> str:
-    opt = f"sam{cfg.rho:g}" if cfg.rho > 0 else "sgd"
-    name = args.preset or f"{cfg.dataset}-{cfg.model}-{opt}"
-    return os.path.join("runs", f"{name}-seed{cfg.seed}")
-
-
-def _device(args) -> str:
-    """The device this train command will run on: the flag, else the resumed run's or the
-    preset's, else the default (a missing run is reported later, by the Trainer)."""
-    from .presets import preset
-    from .rundir import read_config
-    if args.device:
-        return args.device
-    try:
-        saved = read_config(args.out) if args.resume and args.out else {}
-    except (OSError, ValueError, KeyError):
-        saved = {}
-    given = preset(args.preset) if args.preset else {}
-    return saved.get("device") or given.get("device") or DEFAULTS["device"]
-
-
-def cmd_train(args) -> int:
-    from .distributed.env import world_size
-    from .train import Trainer
-    if args.max_steps is not None and args.max_steps < 0:
-        raise UserError(f"--max-steps must be >= 0, got {args.max_steps}")
-    if args.gpus is not None:
-        from .distributed.launch import relaunch_on_gpus
-        return relaunch_on_gpus(args.gpus, args.argv, args.device)
-    comm = None
-    if world_size() > 1:   # a rank started by minisam.launch, torchrun, srun or mpirun
-        from .distributed import comm_from_env
-        comm = comm_from_env(device=_device(args))   # refuses the CPU in one line
-    kw = dict(max_steps=args.max_steps, progress=not args.no_progress, comm=comm)
-    if args.resume:
-        if not args.out:
-            raise UserError("--resume needs --out RUN_DIR, the run directory to continue")
-        from .presets import preset
-        given = dict(preset(args.preset) if args.preset else {}, **_explicit(args))
-        trainer = Trainer(given, args.out, resume=True, **kw)
-        out = args.out
-        say(trainer.rank, f"resuming {out} in epoch {trainer.epoch + 1} after step "
-            f"{trainer.step_in_epoch} of {trainer.steps_per_epoch} (global step {trainer.step})")
-    else:
-        cfg = build_config(args)
-        out = args.out or _default_out(cfg, args)
-        trainer = Trainer(cfg, out, **kw)
-        cfg = trainer.cfg
-        opt = f"SAM rho={cfg.rho:g}" if cfg.rho > 0 else "SGD"
-        say(trainer.rank, f"training {cfg.model} on {cfg.dataset} with {opt}: {cfg.epochs} "
-            f"epochs x {trainer.steps_per_epoch} steps, batch {cfg.batch_size}"
-            f"{f' over {cfg.replicas} replicas' if cfg.replicas > 1 else ''}, lr {cfg.lr:g} "
-            f"({cfg.schedule}); run directory {out}")
-    rec = trainer.fit()
-    if trainer.rank != 0:
-        return 0
-    if "stopped_at_step" in rec:
-        print(f"stopped after {rec['stopped_at_step']} steps (--max-steps); checkpoint saved; "
-              f"continue with: minisam train --resume --out {shlex.quote(out)}")
-        return 0
-    print(f"done: epoch {rec['epoch']}: train loss {rec['train_loss']:.4f}, train error "
-          f"{rec['train_error_rate']:.2%}; {'validation' if trainer.cfg.validation else 'test'} "
-          f"loss {rec['test_loss']:.4f}, error {rec['test_error_rate']:.2%}; run directory {out}")
-    return 0
-
-
-def _train_parser(sub):
-    from .presets import DESCRIPTIONS
-    t = sub.add_parser(
-        "train", help="train a WideResnet with SAM or SGD",
-        description="Train with SAM (or SGD with --rho 0) like the JAX code: cosine schedule per "
-                    "step, Nesterov momentum, weight decay, clipping; evaluates every epoch, "
-                    "logs metrics.jsonl, checkpoints every epoch (atomically). Ctrl-C saves a "
-                    "checkpoint at the current step; --resume continues exactly.")
-    g = t.add_argument_group("setup")
-    g.add_argument("--preset", choices=sorted(DESCRIPTIONS), metavar="NAME",
-                   help="start from a named setup; explicit flags override it. " +
-                   "; ".join(f"{k}: {v}" for k, v in sorted(DESCRIPTIONS.items())))
-    g.add_argument("--dataset", choices=DATASETS,
-                   help="training data: CIFAR from --data-dir or tensorflow-datasets; digits "
-                        "(embedded, offline); synthetic (random templates, for smoke tests)")
-    g.add_argument("--data-dir", metavar="DIR",
-                   help="CIFAR: folder with cifar-10-python.tar.gz / cifar-100-python.tar.gz or "
-                        "their extracted folders (or tensorflow-datasets' data_dir)")
-    g.add_argument("--data-source", choices=SOURCES,
-                   help="CIFAR: read the local archive, tensorflow-datasets, or auto (archive if "
-                        f"found in --data-dir, else tfds) {_default('data_source')}")
-    g.add_argument("--image-size", type=int, metavar="N",
-                   help="digits only: upscale the 8x8 images to NxN (default 16; 8 = native)")
-    g.add_argument("--validation", action="store_const", const=True,
-                   help="hold out the last 10%% of the training set and evaluate on it instead "
-                        "of the test set (the JAX code's --use_test_set=False)")
-    g.add_argument("--model", metavar="NAME",
-                   help="WideResnet wrn<depth>_<width>, depth = 6n+4, e.g. wrn28_10, wrn16_8, "
-                        f"wrn10_2 (default: {DEFAULTS['model']}, the JAX default; "
-                        f"{SMALL_DATASET_MODEL} for digits and synthetic)")
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--rho", type=float, help="SAM neighbourhood radius; 0 trains with plain SGD "
-                   f"(Nesterov momentum) {_default('rho')}")
-    g.add_argument("--epochs", type=int,
-                   help=f"epochs; the cosine schedule spans them {_default('epochs')}")
-    g.add_argument("--batch-size", type=int, metavar="B",
-                   help=f"global batch size, split evenly over --replicas {_default('batch_size')}")
-    g.add_argument("--lr", type=float, help=f"peak learning rate {_default('lr')}")
-    g.add_argument("--schedule", choices=SCHEDULES,
-                   help="learning-rate schedule per step: cosine from lr to 0 without warm-up "
-                        f"(sam_jax get_cosine_schedule) or constant {_default('schedule')}")
-    g.add_argument("--weight-decay", type=float, metavar="WD",
-                   help=f"L2 coefficient on all parameters, BN included {_default('weight_decay')}")
-    g.add_argument("--label-smoothing", type=float, metavar="LS",
-                   help=_default("label_smoothing"))
-    g.add_argument("--gradient-clipping", type=float, metavar="NORM",
-                   help="clip the (synced) gradient to this global norm; 0 = off "
-                        f"{_default('gradient_clipping')}")
-    g.add_argument("--momentum", type=float, help=f"Nesterov momentum {_default('momentum')}")
-    g.add_argument("--sync-perturbations", action="store_const", const=True,
-                   help="average the first gradient over replicas before the SAM perturbation "
-                        "(default: each replica perturbs with its own gradient, m-sharpness)")
-    g.add_argument("--replicas", type=int, metavar="R",
-                   help="data-parallel replicas; on the CPU, R threads each with its own BN "
-                        f"statistics and SAM perturbation {_default('replicas')}")
-    g.add_argument("--gpus", type=int, metavar="N",
-                   help="run as N processes, one per GPU, over NCCL (python -m minisam.launch "
-                        "--nproc N -- train ...); implies --device gpu")
-    g.add_argument("--device", choices=DEVICES, help=f"NumPy or CuPy {_default('device')}")
-    g.add_argument("--tf32", action="store_const", const=True,
-                   help="GPU only: run float32 matrix products on TF32 tensor cores (faster, "
-                        "about 1e-3 relative error per product; default off: plain float32)")
-    g.add_argument("--seed", type=int, help="model init, data order, augmentation and label "
-                   f"noise all derive from it {_default('seed')}")
-    g = t.add_argument_group("data augmentation and noise")
-    g.add_argument("--crop", type=int, metavar="PAD",
-                   help="reflect-pad by PAD pixels then random-crop back (default: 4 for CIFAR, "
-                        "1 for digits, off for synthetic)")
-    g.add_argument("--no-crop", dest="crop", action="store_const", const=0,
-                   help="no pad-and-crop")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on for CIFAR, off for digits)")
-    g.add_argument("--cutout", type=int, metavar="SIZE",
-                   help="cutout: zero a SIZE x SIZE square per batch (JAX: 16); 0 = off "
-                        f"{_default('cutout')}")
-    g.add_argument("--label-noise", type=float, metavar="RATE",
-                   help="replace this fraction of the training labels by random classes, once, "
-                        f"from --seed {_default('label_noise')}")
-    g = t.add_argument_group("run")
-    g.add_argument("--out", metavar="DIR",
-                   help="run directory for config.json, metrics.jsonl and checkpoint.npz "
-                        "(default runs/<preset or dataset-model-opt>-seed<seed>)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (end of an epoch, "
-                        "Ctrl-C or --max-steps); bitwise the same result as not stopping")
-    g.add_argument("--max-steps", type=int, metavar="N",
-                   help="stop after N global steps with a checkpoint (smoke tests; the schedule "
-                        "still spans --epochs)")
-    g.add_argument("--eval-batch-size", type=int, metavar="B", help="default: --batch-size")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return t, cmd_train
+_train_parser = train_parser
 
 
 # ---------------------------------------------------------------------------------------

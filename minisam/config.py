@@ -18,6 +18,7 @@ from .sam import SAMConfig
 SCHEDULES = ("cosine", "constant")
 SMALL_DATASET_MODEL = "wrn10_2"   # the CLI's model for digits and synthetic
 SAM_FIELDS = tuple(f.name for f in dataclasses.fields(SAMConfig))
+_SAM = SAMConfig()   # the SAM fields' defaults live in SAMConfig
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class TrainConfig:
     Defaults follow the JAX code's flags where it has them (lr 0.1, clipping 5.0, momentum
     0.9, cosine schedule, basic augmentation) and the paper's WRN settings otherwise
     (weight decay 5e-4; the JAX flag default is 1e-3). The SAM fields (rho, weight_decay,
-    label_smoothing, gradient_clipping, momentum, sync_perturbations) are those of
-    ``SAMConfig`` and are validated by building it.
+    label_smoothing, gradient_clipping, momentum, sync_perturbations and the semantics
+    switches) are those of ``SAMConfig``, with its defaults, and are validated by building it.
     """
     dataset: str = "cifar10"
     data_dir: str | None = None
@@ -46,6 +47,14 @@ class TrainConfig:
     gradient_clipping: float = 5.0     # 0 disables
     momentum: float = 0.9
     sync_perturbations: bool = False
+    # the SAM semantics switches (sam.SAMConfig, minisam.semantics), SAMConfig's defaults
+    weight_decay_in: str = _SAM.weight_decay_in
+    norm_eps: float = _SAM.norm_eps
+    perturbed_bn_stats: str = _SAM.perturbed_bn_stats
+    adaptive: str = _SAM.adaptive
+    asam_eta: float = _SAM.asam_eta
+    restore: str = _SAM.restore
+    nesterov: bool = _SAM.nesterov
     crop: int | None = None            # reflect padding before the crop; None: dataset default
     flip: bool | None = None           # None: dataset default
     cutout: int = 0                    # side of the cutout square (JAX: 16); 0 = off

@@ -11,7 +11,7 @@ from .backend import get_xp
 from .tree import global_norm
 
 __all__ = ["clip_by_global_norm", "constant_schedule", "cosine_schedule", "global_norm",
-           "nesterov_init", "nesterov_update"]
+           "momentum_update", "nesterov_init", "nesterov_update"]
 
 
 def clip_by_global_norm(grads: dict, max_norm: float):
@@ -38,6 +38,15 @@ def nesterov_update(params: dict, grads: dict, momentum: dict, lr, beta=0.9):
     new_m = {k: beta * momentum[k] + g for k, g in grads.items()}
     new_p = {k: params[k] - lr * (g + beta * new_m[k]) for k, g in grads.items()}
     return new_p, new_m
+
+
+def momentum_update(params: dict, grads: dict, momentum: dict, lr, beta=0.9, nesterov=True):
+    """``nesterov_update``, or with ``nesterov=False`` heavy-ball momentum as torch SGD does
+    it (dampening 0): m <- beta m + g;  w <- w - lr m."""
+    if nesterov:
+        return nesterov_update(params, grads, momentum, lr, beta)
+    new_m = {k: beta * momentum[k] + g for k, g in grads.items()}
+    return {k: params[k] - lr * new_m[k] for k in grads}, new_m
 
 
 def cosine_schedule(base_lr: float, num_epochs: int, steps_per_epoch: int):

@@ -11,6 +11,12 @@ Read ``train_step`` top to bottom; it mirrors sam_jax ``flax_training.train_step
 
 L is the cross entropy (label smoothing optional) plus ``0.5 * wd * ||w||^2`` over *all*
 parameters; at w + e the L2 term is evaluated at w + e too. ``rho = 0`` is plain SGD.
+
+Those are the JAX code's choices, and ``SAMConfig()``'s defaults. Other implementations
+choose differently; each choice is a switch on ``SAMConfig`` (``minisam.semantics`` says
+who does what, and holds one preset per implementation): where weight decay lives, an
+epsilon on the norm, whether the perturbed pass updates BN's running statistics, ASAM's
+adaptive scaling in its two conventions, how w is restored, Nesterov or heavy-ball.
 """
 from __future__ import annotations
 
@@ -20,18 +26,33 @@ from dataclasses import dataclass
 
 from .distributed.local import LocalComm
 from .nn.loss import error_rate, one_hot, softmax_cross_entropy
-from .optim import clip_by_global_norm, nesterov_update
+from .optim import clip_by_global_norm, momentum_update
 from .tree import global_norm
+
+
+WEIGHT_DECAY_IN = ("loss", "optimizer")
+PERTURBED_BN_STATS = ("discard", "update")
+ADAPTIVE = ("none", "davda54", "asam")
+RESTORE = ("copy", "subtract")
 
 
 @dataclass(frozen=True)
 class SAMConfig:
     rho: float = 0.05                 # radius of the perturbation; 0 gives SGD
-    weight_decay: float = 5e-4        # L2 coefficient in the loss
+    weight_decay: float = 5e-4        # L2 coefficient
     label_smoothing: float = 0.0
     gradient_clipping: float = 5.0    # max global norm; 0 disables
     sync_perturbations: bool = False  # average g over replicas before the dual vector
-    momentum: float = 0.9             # Nesterov beta
+    momentum: float = 0.9             # beta of the momentum buffer
+    # -- the choices implementations disagree on (minisam.semantics); defaults: the JAX code
+    weight_decay_in: str = "loss"     # "loss": in L at w and w + e; "optimizer": wd * w added
+                                      # to the SAM gradient at w, after clipping (torch SGD)
+    norm_eps: float = 0.0             # e = rho g / (||g|| + norm_eps)
+    perturbed_bn_stats: str = "discard"  # or "update": the perturbed pass's BN stats kept
+    adaptive: str = "none"            # ASAM's scaling: "none", "davda54" or "asam" (official)
+    asam_eta: float = 0.01            # "asam" only: T_w = |w| + eta on kernels and scales
+    restore: str = "copy"             # w after the ascent: "copy" (exact) or "subtract" (w+e-e)
+    nesterov: bool = True             # False: heavy-ball momentum (torch SGD's default)
 
     def __post_init__(self):
         def number(name):
@@ -39,15 +60,19 @@ class SAMConfig:
             if not isinstance(v, numbers.Real) or isinstance(v, bool):
                 raise TypeError(f"{name} must be a number, got {v!r}")
             return v
-        for name in ("rho", "weight_decay", "gradient_clipping"):
+        for name in ("rho", "weight_decay", "gradient_clipping", "norm_eps", "asam_eta"):
             if not (math.isfinite(number(name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
         for name in ("label_smoothing", "momentum"):
             if not 0 <= number(name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not isinstance(self.sync_perturbations, bool):
-            raise TypeError(f"sync_perturbations must be True or False, got "
-                            f"{self.sync_perturbations!r}")
+        for name in ("sync_perturbations", "nesterov"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, choices in (("weight_decay_in", WEIGHT_DECAY_IN), ("adaptive", ADAPTIVE),
+                              ("perturbed_bn_stats", PERTURBED_BN_STATS), ("restore", RESTORE)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
 
 def loss_and_grad(model, params, images, onehot, cfg: SAMConfig):
@@ -57,19 +82,48 @@ def loss_and_grad(model, params, images, onehot, cfg: SAMConfig):
     model.set_params(params)
     logits = model.forward(images, train=True)
     ce, dlogits = softmax_cross_entropy(logits, onehot, cfg.label_smoothing)
+    model.backward(dlogits)
+    if cfg.weight_decay_in != "loss":        # weight decay is the optimizer's (see SAMConfig)
+        return ce, ce, logits, model.get_grads()
     weight_l2 = sum((w * w).sum() for w in params.values())
     loss = ce + cfg.weight_decay * 0.5 * weight_l2
-    model.backward(dlogits)
     grads = {k: g + cfg.weight_decay * params[k] for k, g in model.get_grads().items()}
     return loss, ce, logits, grads
 
 
-def dual_vector(g: dict):
-    """sam_jax ``dual_vector``: g / ||g||_2 with the global norm (eq. 2 with q = 2), no epsilon.
+def dual_vector(g: dict, eps: float = 0.0):
+    """sam_jax ``dual_vector``: g / ||g||_2 with the global norm (eq. 2 with q = 2), no epsilon
+    (``eps``: davda54's ``g / (||g|| + 1e-12)``).
 
-    Returns (unit direction, ||g||)."""
+    Returns (direction, ||g||)."""
     norm = global_norm(g)
-    return {k: v / norm for k, v in g.items()}, norm
+    scale = norm + eps if eps else norm
+    return {k: v / scale for k, v in g.items()}, norm
+
+
+def adaptive_scale(params: dict, cfg: SAMConfig) -> dict:
+    """ASAM's T_w (Kwon et al., ICML 2021, eq. 8 with the elementwise operator), per key:
+    ``"davda54"``: |w| on every parameter, no eta (davda54/sam ``adaptive=True``);
+    ``"asam"``: |w| + eta on the parameters PyTorch names ``weight`` (conv and dense
+    kernels, BN scales) and 1 on biases (SamsungLabs/ASAM ``ASAM.ascent_step``)."""
+    if cfg.adaptive == "davda54":
+        return {k: abs(w) for k, w in params.items()}
+    return {k: abs(w) + cfg.asam_eta if not k.endswith("/bias") else None
+            for k, w in params.items()}
+
+
+def perturbation(g: dict, params: dict, cfg: SAMConfig):
+    """The ascent step e and the norm it divides by. SAM: e = rho g / ||g|| (eq. 2).
+    ASAM: e = rho T^2 g / ||T g||, T = ``adaptive_scale`` (eq. 8), so ASAM with T = 1 is SAM.
+
+    Returns (e, the norm before any epsilon)."""
+    if cfg.adaptive == "none":
+        direction, norm = dual_vector(g, cfg.norm_eps)
+        return {k: cfg.rho * d for k, d in direction.items()}, norm
+    t = adaptive_scale(params, cfg)
+    tg = {k: v if t[k] is None else t[k] * v for k, v in g.items()}
+    unit, norm = dual_vector(tg, cfg.norm_eps)
+    return {k: cfg.rho * (u if t[k] is None else t[k] * u) for k, u in unit.items()}, norm
 
 
 def train_step(model, params, state, momentum, images, labels, lr, cfg: SAMConfig,
@@ -86,11 +140,14 @@ def train_step(model, params, state, momentum, images, labels, lr, cfg: SAMConfi
         trace.update(loss=loss, cross_entropy=ce, logits=logits, grad=grad, state=new_state)
     if cfg.rho > 0:
         g = comm.allreduce_mean(grad) if cfg.sync_perturbations else grad
-        direction, g_norm = dual_vector(g)                                        # 2. e
-        e = {k: cfg.rho * d for k, d in direction.items()}
+        e, g_norm = perturbation(g, params, cfg)                                  # 2. e
         perturbed = {k: w + e[k] for k, w in params.items()}
         loss_p, ce, logits, grad = loss_and_grad(model, perturbed, images, onehot, cfg)  # 3.
-        model.set_state(new_state)                    # drop the perturbed pass's BN stats
+        if cfg.perturbed_bn_stats == "update":
+            new_state = model.get_state()             # keep the perturbed pass's BN stats
+        model.set_state(new_state)                    # JAX: drop them
+        if cfg.restore == "subtract":                 # w + e - e, in float32
+            params = {k: w - e[k] for k, w in perturbed.items()}
         if trace is not None:
             trace.update(grad_for_perturbation_norm=g_norm, perturbation=e,
                          perturbed_loss=loss_p, perturbed_cross_entropy=ce,
@@ -99,11 +156,13 @@ def train_step(model, params, state, momentum, images, labels, lr, cfg: SAMConfi
     if trace is not None:
         trace.update(grad_synced=grad)
     grad, _ = clip_by_global_norm(grad, cfg.gradient_clipping)
-    params, momentum = nesterov_update(params, grad, momentum, lr, cfg.momentum)
-    metrics = {"train_loss": ce, "train_error_rate": error_rate(logits, labels),
-               "gradient_norm": global_norm(grad), "param_norm": global_norm(params)}
     if trace is not None:
         trace.update(grad_clipped=grad)
+    if cfg.weight_decay_in == "optimizer":
+        grad = {k: v + cfg.weight_decay * params[k] for k, v in grad.items()}
+    params, momentum = momentum_update(params, grad, momentum, lr, cfg.momentum, cfg.nesterov)
+    metrics = {"train_loss": ce, "train_error_rate": error_rate(logits, labels),
+               "gradient_norm": global_norm(grad), "param_norm": global_norm(params)}
     return params, new_state, momentum, metrics
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from minisam.backend import gpu_available
-from minisam.cli import build_config, build_parser, main
+from minisam.cli import build_parser, main
+from minisam.cli_train import build_config
 from minisam.rundir import load_checkpoint, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
