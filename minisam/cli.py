@@ -1,7 +1,7 @@
 """The ``minisam`` command line: declarations only; the library does the work.
 
 Commands: ``demo`` (SGD vs SAM on noisy digits, offline), ``train``, ``eval``, ``plot``,
-``verify`` (against the JAX reference cases), ``bench``. Each has a ``_<name>_parser``
+``verify`` (against the JAX and PyTorch reference cases), ``bench``. Each has a ``_<name>_parser``
 that declares its flags and a ``cmd_<name>`` that calls the library. User mistakes print
 one line and exit with status 2. Set MINISAM_DEBUG=1 to see tracebacks.
 
@@ -149,10 +149,12 @@ def cmd_verify(args) -> int:
 
 def _verify_parser(sub):
     v = sub.add_parser(
-        "verify", help="compare minisam with a reference case from the original JAX code",
+        "verify", help="compare minisam with reference cases from the JAX and PyTorch code",
         description="Rebuild a reference case (NAME.npz + NAME.json manifest) from its config "
                     "and run every step from the reference's own state after the step before "
-                    "(step-wise), comparing every key with the JAX numbers; exits 1 if any key "
+                    "(step-wise), comparing every key with the reference's numbers (the JAX "
+                    "code's, or davda54/sam's under the semantics its manifest names); exits 1 "
+                    "if any key "
                     "group is outside tolerance. Also prints, per step, the chained run (every "
                     "step from our own previous state) and float64 runs of both kinds, which "
                     "show how much float32 chaos the case has.")

@@ -7,6 +7,13 @@ case is rebuilt from the manifest's ``config`` alone, so any manifest of this sc
 works: any WideResnet size, any number of replicas, synced or per-replica
 perturbations, rho, label smoothing, weight decay, clipping, schedule and step count.
 
+A second schema holds cases from PyTorch implementations (``reference_results/davda54_*``,
+from davda54/sam's own optimizer class): one replica, the same batch every step, lr and
+rho per step, and the manifest's ``config`` naming the semantics (weight-decay mode, norm
+epsilon, adaptive convention, the perturbed pass's BN stats, restore); ``torch_sam_config``
+maps them onto ``SAMConfig``'s switches, and the keys are that schema's
+(``grad/``, ``perturbation/``, ``sam_grad/``, ``stepK/...``).
+
 ``run_case`` runs it chained (every step from our own previous state) or step-wise (every
 step from the reference's own state after the step before); ``compare`` gives one row per
 key group. The error of a key is reported as max|ours - jax| (abs) and max|ours - jax| /
@@ -38,6 +45,11 @@ VALUE_KEYS = ("logits_train", "logits_eval", "perturbed_logits", "loss", "cross_
               "perturbed_loss", "perturbed_cross_entropy", "train_loss", "weight_l2", "lr")
 VALUE_RTOL, GRAD_RTOL = 1e-5, 1e-4
 EXACT_KEYS = ("optimizer_step", "train_error_rate")
+# PyTorch cases store the perturbation as fl(w + e) - w: one float32 rounding of w + e,
+# up to half an ulp of |w| (|w| < 2 here: 1.2e-7), which is large next to a tensor whose
+# e is tiny. So its error is taken relative to max(max|e|, this floor): at the 1e-4
+# tolerance, 3e-7 absolute at least, about two such ulps (the case's README suggests 3e-7).
+TORCH_PERTURBATION_SCALE_FLOOR = 3e-3
 
 
 def load_case(npz_path: str):
@@ -66,6 +78,51 @@ def load_case(npz_path: str):
     return arrays, manifest
 
 
+TORCH_CONFIG = ("batch_size", "blocks_per_group", "channel_multiplier", "num_outputs",
+                "replicas", "num_steps", "label_smoothing", "weight_decay", "weight_decay_mode",
+                "gradient_clipping", "momentum", "nesterov", "grad_norm_eps", "adaptive",
+                "bn_running_stats_pass2", "restore", "lr_per_step", "rho_per_step")
+
+
+def is_torch_case(manifest: dict) -> bool:
+    """A case of the PyTorch schema (per-step lr and rho, semantics named in the config)."""
+    return "lr_per_step" in manifest.get("config", {})
+
+
+def torch_sam_config(cfg: dict) -> SAMConfig:
+    """The SAMConfig of a PyTorch case's config (its rho: the first step's)."""
+    adaptive = cfg["adaptive"] or "none"
+    adaptive = adaptive.split()[0] if adaptive.split()[0] in ("davda54", "asam") else adaptive
+    return SAMConfig(
+        rho=cfg["rho_per_step"][0], weight_decay=cfg["weight_decay"],
+        label_smoothing=cfg["label_smoothing"], gradient_clipping=cfg["gradient_clipping"],
+        momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+        weight_decay_in=cfg["weight_decay_mode"].split()[0], norm_eps=cfg["grad_norm_eps"],
+        perturbed_bn_stats={"update": "update", "keep": "discard"}.get(
+            cfg["bn_running_stats_pass2"], cfg["bn_running_stats_pass2"]),
+        adaptive=adaptive, asam_eta=cfg.get("asam_eta", 0.01),
+        restore=cfg["restore"].split()[0])
+
+
+def _check_torch_manifest(cfg: dict, where: str):
+    missing = [k for k in TORCH_CONFIG if k not in cfg]
+    if missing:
+        raise ValueError(f"{where}: config lacks field(s) {missing}; a PyTorch-schema manifest "
+                         f"needs all of {list(TORCH_CONFIG)}")
+    if cfg["replicas"] != 1 or cfg["batch_size"] < 1:
+        raise ValueError(f"{where}: a PyTorch-schema case has one replica and a batch, got "
+                         f"replicas {cfg['replicas']!r}, batch_size {cfg['batch_size']!r}")
+    for k in ("lr_per_step", "rho_per_step"):
+        if not (isinstance(cfg[k], list) and len(cfg[k]) == cfg["num_steps"]):
+            raise ValueError(f"{where}: config field {k!r} must list one value per step "
+                             f"({cfg['num_steps']}), got {cfg[k]!r}")
+    try:
+        torch_sam_config(cfg)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where}: config names semantics minisam has no switch for: {e}") \
+            from None
+
+
 INT_CONFIG = ("batch_size", "blocks_per_group", "channel_multiplier", "num_outputs", "replicas",
               "num_epochs", "steps_per_epoch", "num_steps")
 
@@ -76,6 +133,8 @@ def check_manifest(manifest, where: str = "manifest"):
     cfg = manifest.get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: missing the 'config' object; expected fields {REQUIRED_CONFIG}")
+    if is_torch_case(manifest):
+        return _check_torch_manifest(cfg, where)
     missing = [k for k in REQUIRED_CONFIG if k not in cfg]
     if missing:
         raise ValueError(f"{where}: config lacks field(s) {missing}; a reference manifest needs "
@@ -101,7 +160,7 @@ def check_manifest(manifest, where: str = "manifest"):
 
 
 def sync_modes(cfg):
-    s = cfg["sync_perturbations"]
+    s = cfg.get("sync_perturbations", False)    # PyTorch cases: one replica, unsynced
     return [bool(v) for v in s] if isinstance(s, (list, tuple)) else [bool(s)]
 
 
@@ -127,6 +186,8 @@ def run_case(arrays: dict, manifest: dict, device: str = "cpu", ties=None, *,
               changed in replica r reaches the others only through the last collective.
               Per-replica keys then hold replica r's value alone."""
     cfg = manifest["config"]
+    if is_torch_case(manifest):
+        return _run_torch_case(arrays, cfg, device, ties, teacher, steps, dtype)
     images, labels = arrays["input/images"], arrays["input/labels"].astype(np.int32)
     R, B, K = int(cfg["replicas"]), int(cfg["batch_size"]), int(cfg["num_steps"])
     if images.shape[0] != B:
@@ -213,6 +274,51 @@ def run_case(arrays: dict, manifest: dict, device: str = "cpu", ties=None, *,
     return out
 
 
+def _run_torch_case(arrays, cfg, device, ties, teacher, steps, dtype) -> dict:
+    """``run_case`` for the PyTorch schema: the same batch every step, lr and rho per step."""
+    from dataclasses import replace
+    K = int(cfg["num_steps"])
+    steps = list(range(1, K + 1)) if steps is None else sorted(steps)
+    if not teacher and steps != list(range(1, len(steps) + 1)):
+        raise ValueError(f"a chained run starts at step 1 and runs every step; got {steps}")
+    x = to_device(arrays["input/images"], device, dtype)
+    y = to_device(arrays["input/labels"].astype(np.int32), device)
+    model = WideResnet(cfg["blocks_per_group"], cfg["channel_multiplier"], cfg["num_outputs"],
+                       in_channels=x.shape[-1])
+    tag = (False, 0)
+    if ties is not None:
+        ties.install(model, tag)
+    base, res, params = torch_sam_config(cfg), {}, None
+    for step in steps:
+        if params is None or teacher:
+            s = "init/" if step == 1 else f"step{step - 1}/"
+            params = _on(_tree(arrays, s + "params/"), device, dtype)
+            state = _on(_tree(arrays, s + "state/"), device, dtype)
+            momentum = (nesterov_init(params) if step == 1 else
+                        _on(_tree(arrays, s + "momentum/"), device, dtype))
+        if ties is not None:
+            ties.set_step(tag, step)
+        lr, rho = cfg["lr_per_step"][step - 1], cfg["rho_per_step"][step - 1]
+        trace, before = {}, params
+        params, state, momentum, _ = train_step(model, params, state, momentum, x, y, lr,
+                                                replace(base, rho=rho), trace=trace)
+        if step == 1:
+            res["init/logits_train"] = trace["logits"]
+            for name, tree in (("grad", trace["grad"]), ("sam_grad", trace["sam_grad"]),
+                               ("step1/state_after_pass1", trace["state"]),
+                               ("perturbation",   # stored as fl(w + e) - w, so computed so
+                                {k: (w + trace["perturbation"][k]) - w for k, w in before.items()})):
+                res.update({f"{name}/{k}": v for k, v in tree.items()})
+        s = f"step{step}/"
+        res.update({s + "loss": trace["cross_entropy"],
+                    s + "perturbed_loss": trace["perturbed_cross_entropy"],
+                    s + "grad_norm": trace["grad_for_perturbation_norm"],
+                    s + "lr": np.float64(lr), s + "rho": np.float64(rho)})
+        for part, tree in (("params", params), ("momentum", momentum), ("state", state)):
+            res.update({f"{s}{part}/{k}": v for k, v in tree.items()})
+    return {k: to_numpy(v) for k, v in res.items()}
+
+
 class _Recorded:
     """A replica's communicator that also keeps every tree the replica posts."""
 
@@ -291,6 +397,7 @@ def compare(arrays: dict, ours: dict, manifest: dict):
     A reference key that minisam does not compute is an error (it would go unchecked)."""
     skip = ("input/", "init/params/", "init/state/")
     keys = [k for k in arrays if not k.startswith(skip)]
+    torch = is_torch_case(manifest)
     missing = [k for k in keys if k not in ours]
     if missing:
         raise ValueError(f"minisam computed no value for {len(missing)} reference key(s), "
@@ -305,12 +412,15 @@ def compare(arrays: dict, ours: dict, manifest: dict):
             raise ValueError(f"{k}: minisam gives shape {a.shape}, reference has {b.shape}")
         err = float(np.max(np.abs(a - b))) if a.size else 0.0
         scale = float(np.max(np.abs(b))) if b.size else 0.0
+        if torch and k.startswith("perturbation/"):
+            scale = max(scale, TORCH_PERTURBATION_SCALE_FLOOR)
         groups.setdefault(_group(k, paths), []).append((err, err / scale if scale else err))
     rows = []
     for g, errs in groups.items():
         last = g.rstrip("/*").rsplit("/", 1)[-1]
         if last in EXACT_KEYS:
             kind, tol = "abs", 1e-6
+
         else:
             kind, tol = "rel", VALUE_RTOL if last in VALUE_KEYS else GRAD_RTOL
         rows.append(Row(g, len(errs), max(e for e, _ in errs), max(r for _, r in errs), tol, kind))

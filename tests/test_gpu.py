@@ -63,7 +63,7 @@ def test_layer_cupy_matches_numpy(name):
 
 
 @pytest.mark.parametrize("case", ["wrn10x2_single", "wrn10x2_two_replicas",
-                                  "wrn10x2_label_smoothing"])
+                                  "wrn10x2_label_smoothing", "davda54_sam", "davda54_asam"])
 def test_reference_case_on_gpu(case):
     from minisam.verify import verify
     rows, ties = verify(os.path.join(ROOT, case + ".npz"), device="gpu")
