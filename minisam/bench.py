@@ -96,8 +96,36 @@ def peak_live_hook(xp):
     return PeakLive()
 
 
+# forward-backward passes per step, by variant (LookSAM: one full step in every k)
+LOOKSAM_K, MICRO_BATCH, GSAM_ALPHA = 5, 8, 0.4
+VARIANT_PASSES = {"gsam": 2.0, "looksam": (2 + (LOOKSAM_K - 1)) / LOOKSAM_K,
+                  "m-sam": 2.0}
+
+
+def _variant_runners(net, params, state, momentum, x, y, cfg):
+    """{name: (run, steps each run takes)} for GSAM, LookSAM (k steps a run, so that one in
+    k is a full SAM step) and micro-batch m-SAM, from the same weights every time."""
+    from .variants import gsam_step, looksam_step, microbatch_step
+
+    def gsam():
+        gsam_step(net, params, state, momentum, x, y, 0.1, cfg, GSAM_ALPHA)
+
+    def looksam():
+        g_v = None
+        for step in range(LOOKSAM_K):
+            g_v = looksam_step(net, params, state, momentum, x, y, 0.1, cfg, step, LOOKSAM_K,
+                               0.7, g_v)[4]
+
+    def msam():
+        microbatch_step(net, params, state, momentum, x, y, 0.1, cfg, MICRO_BATCH)
+    runs = {"gsam": (gsam, 1), "looksam": (looksam, LOOKSAM_K)}
+    if x.shape[0] % MICRO_BATCH == 0:
+        runs["m-sam"] = (msam, 1)
+    return runs
+
+
 def bench(model="wrn16_4", batch_size=32, device="cpu", warmup=2, steps=10, num_classes=10,
-          rho=0.05, seed=0, tf32=False) -> dict:
+          rho=0.05, seed=0, tf32=False, variants=False) -> dict:
     """Time SGD and SAM steps; return a dict in the schema shared with benchmarks/peers."""
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, "
@@ -130,6 +158,15 @@ def bench(model="wrn16_4", batch_size=32, device="cpu", warmup=2, steps=10, num_
             peaks[name] = _time_steps(runner(SAMConfig(rho=r, gradient_clipping=0.0)), device,
                                       warmup, steps), hook.peak / 2**20
     (sgd, sgd_mb), (sam, sam_mb) = peaks["sgd"], peaks["sam"]
+    rows = {"sgd": {"passes_per_step": 1.0, "ms": sgd * 1e3},
+            "sam": {"passes_per_step": 2.0, "ms": sam * 1e3}}
+    if variants:
+        cfg = SAMConfig(rho=rho, gradient_clipping=0.0)
+        for name, (run, k) in _variant_runners(net, params, state, momentum, x, y, cfg).items():
+            t = _time_steps(run, device, warmup, steps) / k
+            rows[name] = {"passes_per_step": VARIANT_PASSES[name], "ms": t * 1e3}
+    for r in rows.values():
+        r["vs_sgd"] = r["ms"] / (sgd * 1e3)
     pool_mb = None
     if device == "gpu":
         peak_mb = max(sgd_mb, sam_mb)
@@ -148,7 +185,7 @@ def bench(model="wrn16_4", batch_size=32, device="cpu", warmup=2, steps=10, num_
             "sgd_peak_memory_mb": sgd_mb, "sam_peak_memory_mb": sam_mb, "pool_mb": pool_mb,
             "peak_memory_kind": ("peak live bytes in the CuPy pool (MemoryHook)"
                                  if device == "gpu" else "process peak RSS"),
-            "tf32": bool(tf32), "warmup": warmup, "steps": steps,
+            "tf32": bool(tf32), "warmup": warmup, "steps": steps, "variants": rows,
             "dtype": "tf32 GEMMs" if tf32 else "float32", "versions": versions, "error": None}
 
 
@@ -159,4 +196,7 @@ def format_result(r: dict) -> str:
             f"  SAM/SGD  {r['sam_sgd_ratio']:9.2f}\n"
             f"  peak memory {r['peak_memory_mb']:.0f} MiB ({r['peak_memory_kind']})"
             + (f"; CuPy pool {r['pool_mb']:.0f} MiB" if r.get("pool_mb") is not None else "")
-            + ("\n  TF32 GEMMs (not plain float32)" if r.get("tf32") else ""))
+            + ("\n  TF32 GEMMs (not plain float32)" if r.get("tf32") else "")
+            + "".join(f"\n  {name:8s} {v['ms']:9.1f} ms  {v['passes_per_step']:4.1f} passes per "
+                      f"step  {v['vs_sgd']:5.2f}x SGD" for name, v in r.get("variants", {}).items()
+                      if name not in ("sgd", "sam")))

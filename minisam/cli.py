@@ -176,7 +176,7 @@ def cmd_bench(args) -> int:
     from .bench import bench, format_result
     from .rundir import atomic_write
     r = bench(args.model, args.batch_size, args.device, args.warmup, args.steps,
-              args.num_classes, args.rho, tf32=args.tf32)
+              args.num_classes, args.rho, tf32=args.tf32, variants=args.variants)
     print(format_result(r))
     if args.json:
         atomic_write(args.json, json.dumps(r, indent=1).encode())
@@ -204,6 +204,9 @@ def _bench_parser(sub):
                    help="SAM radius for the SAM step (default 0.05)")
     b.add_argument("--tf32", action="store_true",
                    help="GPU only: float32 matrix products on TF32 tensor cores (default off)")
+    b.add_argument("--variants", action="store_true",
+                   help="also time GSAM, LookSAM (k = 5: one full SAM step in five) and "
+                        "micro-batch m-SAM (m = 8), with their forward-backward passes per step")
     b.add_argument("--json", metavar="OUT.json", help="also write the result as JSON here")
     return b, cmd_bench
 

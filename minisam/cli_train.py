@@ -123,6 +123,7 @@ def train_parser(sub):
     from .presets import DESCRIPTIONS
     from .sam import ADAPTIVE, PERTURBED_BN_STATS, RESTORE, WEIGHT_DECAY_IN
     from .semantics import DESCRIPTIONS as SEM_DESCRIPTIONS, SEMANTICS
+    from .variants import VARIANTS
     t = sub.add_parser(
         "train", help="train a WideResnet with SAM or SGD",
         description="Train with SAM (or SGD with --rho 0) like the JAX code: cosine schedule per "
@@ -174,8 +175,9 @@ def train_parser(sub):
                    help="average the first gradient over replicas before the SAM perturbation "
                         "(default: each replica perturbs with its own gradient, m-sharpness)")
     g = t.add_argument_group(
-        "SAM semantics", "the choices SAM implementations disagree on (minisam.semantics; "
-        "README 'SAM is not one algorithm'); defaults: google-research/sam's")
+        "SAM semantics and variants", "the choices SAM implementations disagree on "
+        "(minisam.semantics; README 'SAM is not one algorithm'; defaults: google-research/"
+        "sam's), and SAM's variants (minisam.variants)")
     g.add_argument("--semantics", choices=sorted(SEMANTICS), metavar="NAME",
                    help="one implementation's choices for every switch below; explicit flags "
                         "override it. " + "; ".join(f"{k}: {v}" for k, v in
@@ -199,6 +201,19 @@ def train_parser(sub):
     g.add_argument("--restore", choices=RESTORE,
                    help="how w comes back after the ascent: copy (exact) or subtract (w + e - e, "
                         f"as ASAM's descent_step) {_default('restore')}")
+    g.add_argument("--sam-variant", choices=VARIANTS,
+                   help="sam, or gsam (Zhuang et al. 2022: descend along g_s minus --gsam-alpha "
+                        "times g's part orthogonal to g_s; rho follows lr down to --rho-min) "
+                        f"{_default('sam_variant')}")
+    g.add_argument("--gsam-alpha", type=float, metavar="ALPHA",
+                   help=f"GSAM's alpha; 0 is SAM {_default('gsam_alpha')}")
+    g.add_argument("--rho-min", type=float, metavar="RHO",
+                   help="GSAM: rho at lr 0; rho moves with lr from --rho at the peak lr "
+                        "(default: --rho, constant)")
+    g.add_argument("--micro-batch", type=int, metavar="M",
+                   help="m-SAM in one process: cut each replica's batch into micro-batches of M "
+                        "examples, each with its own perturbation (one from their mean with "
+                        f"--sync-perturbations); 0 = off {_default('micro_batch')}")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                    help="Nesterov momentum (JAX), or heavy-ball with --no-nesterov (torch SGD's "
                         "default) (default on)")

@@ -55,6 +55,11 @@ class TrainConfig:
     asam_eta: float = _SAM.asam_eta
     restore: str = _SAM.restore
     nesterov: bool = _SAM.nesterov
+    # SAM's variants (minisam.variants)
+    sam_variant: str = "sam"           # or "gsam"
+    gsam_alpha: float = 0.4            # GSAM's alpha (juntang-zhuang/GSAM example default)
+    rho_min: float | None = None       # GSAM: rho follows lr down to rho_min; None: constant
+    micro_batch: int = 0               # m-SAM: micro-batches of this size per replica; 0 = off
     crop: int | None = None            # reflect padding before the crop; None: dataset default
     flip: bool | None = None           # None: dataset default
     cutout: int = 0                    # side of the cutout square (JAX: 16); 0 = off
@@ -110,6 +115,35 @@ class TrainConfig:
                 bad(name, "True or False" + (" or None" if name == "flip" else ""))
         if not integer(self.seed) or not 0 <= self.seed < 2 ** 32:
             bad("seed", "an integer in [0, 2**32)")
+        self._check_variant()
+
+    def _check_variant(self):
+        from .variants import VARIANTS
+        if self.sam_variant not in VARIANTS:
+            raise ValueError(f"unknown sam variant {self.sam_variant!r}; expected one of "
+                             f"{VARIANTS}")
+        if not (_real(self.gsam_alpha) and math.isfinite(self.gsam_alpha)
+                and self.gsam_alpha >= 0):
+            raise ValueError(f"gsam_alpha must be >= 0 and finite, got {self.gsam_alpha!r}")
+        if self.rho_min is not None and not (_real(self.rho_min) and 0 <= self.rho_min
+                                             <= self.rho):
+            raise ValueError(f"rho_min must be in [0, rho={self.rho}] or None, got "
+                             f"{self.rho_min!r}")
+        per_replica = self.batch_size // self.replicas
+        if (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
+                or self.micro_batch < 0 or (self.micro_batch and per_replica % self.micro_batch)):
+            raise ValueError(f"micro_batch must be 0 (off) or divide the {per_replica} examples "
+                             f"of each replica, got {self.micro_batch!r}")
+        if self.micro_batch and self.sam_variant != "sam":
+            raise ValueError("micro_batch (m-SAM) goes with sam_variant 'sam' only")
+        if self.micro_batch and self.restore != "copy":
+            raise ValueError("micro_batch (m-SAM) restores w by copy only: use restore 'copy'")
+
+    def step_function(self):
+        """The per-replica step this config trains with (``variants.step_function``)."""
+        from .variants import step_function
+        return step_function(self.sam_variant, self.micro_batch, self.gsam_alpha,
+                             self.rho_min, self.lr)
 
     def sam_config(self) -> SAMConfig:
         """The SAM step's settings (``sam.SAMConfig``), which validates them."""

@@ -21,6 +21,8 @@ The other Table 6 rows (Shake-Shake, PyramidNet) need models minisam does not ha
 """
 from __future__ import annotations
 
+from .semantics import semantics
+
 PRESETS: dict[str, dict] = {}
 DESCRIPTIONS: dict[str, str] = {}
 
@@ -44,6 +46,34 @@ for _opt, _r in (("sam", 0.05), ("sgd", 0.0)):
     DESCRIPTIONS[name] = ("common WRN-16-8 CIFAR-10 setup (davda54/sam example): 200 epochs, "
                           "batch 128, lr 0.1, wd 5e-4, label smoothing 0.1, cutout 16, "
                           + (f"rho {_r}" if _r else "SGD (rho 0)"))
+
+# davda54/sam's README rows (WRN-16-8, CIFAR-10: SGD 3.20%, SAM rho 0.05 2.86%, ASAM rho 2.0
+# 2.55% test error) with its example/train.py's semantics: torch SGD (momentum 0.9, not
+# Nesterov, weight decay 5e-4 in the optimizer), the BN bypass, no clipping, label smoothing
+# 0.1, crop + flip + cutout 16. Not minisam's: its StepLR (x0.2 at 30/60/80% of the epochs;
+# here cosine) and its cutout applied with probability 0.5 (here always).
+_DAVDA54 = dict(dataset="cifar10", model="wrn16_8", epochs=200, batch_size=128, lr=0.1,
+                weight_decay=5e-4, label_smoothing=0.1, crop=4, flip=True, cutout=16,
+                schedule="cosine")
+for _opt, _r, _sem in (("sgd", 0.0, "davda54_bypass"), ("sam", 0.05, "davda54_bypass"),
+                       ("asam", 2.0, "davda54_asam")):
+    name = f"cifar10-wrn16_8-davda54-{_opt}"
+    PRESETS[name] = dict(_DAVDA54, rho=_r, **semantics(_sem))
+    DESCRIPTIONS[name] = (f"davda54/sam's WRN-16-8 CIFAR-10 row ({_opt.upper()}"
+                          + (f", rho {_r}" if _r else "") + f") with its example's semantics "
+                          f"({_sem}; cosine schedule instead of its StepLR)")
+
+# SamsungLabs/ASAM's README command for CIFAR-10 (example_cifar.py --minimizer ASAM --rho 0.5):
+# WRN-28-10, batch 128, 200 epochs, lr 0.1, weight decay 5e-4 and momentum 0.9 in torch SGD
+# (not Nesterov), label smoothing 0.1, crop + flip, eta 0.0 (the script's default; the class
+# default is 0.01). Its cosine annealing steps per epoch; here per step.
+PRESETS["cifar10-wrn28_10-asam-official"] = dict(
+    dataset="cifar10", model="wrn28_10", epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4,
+    label_smoothing=0.1, crop=4, flip=True, cutout=0, schedule="cosine", rho=0.5,
+    **dict(semantics("asam_official"), asam_eta=0.0))
+DESCRIPTIONS["cifar10-wrn28_10-asam-official"] = (
+    "SamsungLabs/ASAM's CIFAR-10 command: WRN-28-10, rho 0.5, eta 0 (its script's default), "
+    "official ASAM semantics, label smoothing 0.1, batch 128")
 
 
 def preset(name: str) -> dict:

@@ -1,7 +1,7 @@
 """Sharpness-Aware Minimization: Algorithm 1 of Foret et al. (ICLR 2021), as the JAX code does it.
 
-Read ``train_step`` top to bottom; it mirrors sam_jax ``flax_training.train_step`` and
-``get_sam_gradient``:
+Read ``sam_gradient`` and ``descent`` top to bottom (``train_step`` is the two); they mirror
+sam_jax ``flax_training.train_step`` and ``get_sam_gradient``:
 
 1. g = grad L(w) on this replica's batch (BN running stats from this pass are kept);
 2. the dual vector e = rho * g / ||g||  (eq. 2; g averaged over replicas first when
@@ -126,12 +126,12 @@ def perturbation(g: dict, params: dict, cfg: SAMConfig):
     return {k: cfg.rho * (u if t[k] is None else t[k] * u) for k, u in unit.items()}, norm
 
 
-def train_step(model, params, state, momentum, images, labels, lr, cfg: SAMConfig,
-               comm=LocalComm(), trace=None):
-    """One SAM (or, with rho = 0, SGD) step on this replica's slice of the batch.
+def sam_gradient(model, params, state, images, labels, cfg: SAMConfig, comm=LocalComm(),
+                 trace=None):
+    """Steps 1-3 of ``train_step``: the gradient at w + e on this replica's batch.
 
-    Returns (params, state, momentum, metrics). ``trace``, if a dict, receives the
-    intermediate values (named like reference_results' keys) for verification."""
+    Returns (SAM gradient, BN state to keep, w for the update, cross entropy and logits of
+    the last pass); with rho = 0, the plain gradient. ``trace`` as in ``train_step``."""
     onehot = one_hot(labels, model.config["num_outputs"])
     model.set_state(state)
     loss, ce, logits, grad = loss_and_grad(model, params, images, onehot, cfg)    # 1. g at w
@@ -152,7 +152,14 @@ def train_step(model, params, state, momentum, images, labels, lr, cfg: SAMConfi
             trace.update(grad_for_perturbation_norm=g_norm, perturbation=e,
                          perturbed_loss=loss_p, perturbed_cross_entropy=ce,
                          perturbed_logits=logits, sam_grad=grad)
-    grad = comm.allreduce_mean(grad)                                              # 4.
+    return grad, new_state, params, ce, logits
+
+
+def descent(params, momentum, grad, lr, cfg: SAMConfig, comm=LocalComm(), trace=None):
+    """Step 4 of ``train_step``: average over replicas, clip, then the momentum step.
+
+    Returns (params, momentum, the gradient the optimizer used)."""
+    grad = comm.allreduce_mean(grad)
     if trace is not None:
         trace.update(grad_synced=grad)
     grad, _ = clip_by_global_norm(grad, cfg.gradient_clipping)
@@ -161,9 +168,25 @@ def train_step(model, params, state, momentum, images, labels, lr, cfg: SAMConfi
     if cfg.weight_decay_in == "optimizer":
         grad = {k: v + cfg.weight_decay * params[k] for k, v in grad.items()}
     params, momentum = momentum_update(params, grad, momentum, lr, cfg.momentum, cfg.nesterov)
-    metrics = {"train_loss": ce, "train_error_rate": error_rate(logits, labels),
-               "gradient_norm": global_norm(grad), "param_norm": global_norm(params)}
-    return params, new_state, momentum, metrics
+    return params, momentum, grad
+
+
+def train_step(model, params, state, momentum, images, labels, lr, cfg: SAMConfig,
+               comm=LocalComm(), trace=None):
+    """One SAM (or, with rho = 0, SGD) step on this replica's slice of the batch.
+
+    Returns (params, state, momentum, metrics). ``trace``, if a dict, receives the
+    intermediate values (named like reference_results' keys) for verification."""
+    grad, state, params, ce, logits = sam_gradient(model, params, state, images, labels, cfg,
+                                                   comm, trace)                   # 1.-3.
+    params, momentum, grad = descent(params, momentum, grad, lr, cfg, comm, trace)  # 4.
+    return params, state, momentum, step_metrics(ce, logits, labels, grad, params)
+
+
+def step_metrics(ce, logits, labels, grad, params) -> dict:
+    """What every step reports (sam_jax ``train_step``'s metrics), all on the device."""
+    return {"train_loss": ce, "train_error_rate": error_rate(logits, labels),
+            "gradient_norm": global_norm(grad), "param_norm": global_norm(params)}
 
 
 def eval_step(model, params, state, images, labels, label_smoothing=0.0):

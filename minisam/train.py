@@ -4,8 +4,9 @@ Mirrors sam_jax ``flax_training.train`` / ``train_for_one_epoch`` / ``eval_on_da
 
 * the learning rate follows ``get_cosine_schedule`` per step, with
   steps_per_epoch = floor(num_train / global_batch) (the remainder is dropped);
-* each step is ``sam.train_step`` on every replica's slice of the global batch, each
-  replica with its own model instance and its own BN running statistics, exactly like
+* each step is ``sam.train_step`` (or a variant: ``config.step_function``) on every
+  replica's slice of the global batch, each replica with its own model instance and its
+  own BN running statistics, exactly like
   ``jax.pmap`` replicas. Where the replicas run (this thread, R threads, one process per
   GPU) is decided once, in a ``distributed.Replicas``; the loop below never asks;
 * after every epoch the test set is evaluated with ``sam.eval_step`` using the BN state
@@ -51,7 +52,6 @@ from .evaluate import evaluate
 from .distributed.replicas import Replicas
 from .models import wide_resnet
 from .optim import constant_schedule, cosine_schedule, nesterov_init
-from .sam import train_step
 
 # Per-step metrics of sam.train_step, moved to the host together once per step.
 STEP_METRICS = ("train_loss", "train_error_rate", "gradient_norm", "param_norm")
@@ -177,6 +177,7 @@ class Trainer:
         self.lr_fn = (cosine_schedule(config.lr, config.epochs, self.steps_per_epoch)
                       if config.schedule == "cosine" else constant_schedule(config.lr))
         self.sam_cfg = config.sam_config()
+        self.step_fn = config.step_function()     # sam.train_step, or a variant of it
 
         self.models = [wide_resnet(config.model, num_outputs=train.num_classes,
                                    in_channels=train.image_shape[-1], seed=config.seed)
@@ -271,8 +272,8 @@ class Trainer:
         (params, momentum, states, host metrics) without committing them."""
         def replica(i, comm):
             x, y = shards[i]
-            return train_step(self.models[i], self.params, self.states[i], self.momentum,
-                              x, y, lr, self.sam_cfg, comm)
+            return self.step_fn(self.models[i], self.params, self.states[i], self.momentum,
+                                x, y, lr, self.sam_cfg, comm)
         results = self.replicas.run(replica)
         p, _, m, _ = results[0]   # identical on every replica
         xp = get_xp(p[next(iter(p))])

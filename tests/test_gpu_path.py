@@ -86,6 +86,38 @@ def test_train_step_never_synchronises_with_the_host(sync, clip):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a GPU")
+@pytest.mark.parametrize("variant", ["gsam", "looksam_full", "looksam_reuse", "micro",
+                                     "micro_sync", "semantics"])
+def test_variants_and_switches_never_synchronise_with_the_host(variant):
+    """GSAM, LookSAM (both kinds of step), micro-batch m-SAM and the davda54/ASAM switches
+    keep the step on the device, like train_step."""
+    from minisam import variants
+    model, params, state, x, y = problem("gpu")
+    cfg = SAMConfig(rho=0.05, sync_perturbations=variant == "micro_sync")
+    mom = nesterov_init(params)
+    g_v = variants.looksam_step(model, params, state, mom, x, y, 0.1, cfg, 0, 2, 0.7)[4]
+    run = {
+        "gsam": lambda: variants.gsam_step(model, params, state, mom, x, y, 0.1, cfg, 0.4),
+        "looksam_full": lambda: variants.looksam_step(model, params, state, mom, x, y, 0.1, cfg,
+                                                      0, 2, 0.7, g_v),
+        "looksam_reuse": lambda: variants.looksam_step(model, params, state, mom, x, y, 0.1,
+                                                       cfg, 1, 2, 0.7, g_v),
+        "micro": lambda: variants.microbatch_step(model, params, state, mom, x, y, 0.1, cfg, 2),
+        "micro_sync": lambda: variants.microbatch_step(model, params, state, mom, x, y, 0.1,
+                                                       cfg, 2),
+        "semantics": lambda: train_step(model, params, state, mom, x, y, 0.1, SAMConfig(
+            rho=0.5, adaptive="asam", norm_eps=1e-16, weight_decay_in="optimizer",
+            perturbed_bn_stats="update", restore="subtract", nesterov=False)),
+    }[variant]
+    run()                                                           # warm up
+    with counting_syncs() as c:
+        metrics = run()[3]
+    assert c["n"] == 0, f"{variant} synchronised {c['n']} times: {c.get('kinds')}"
+    assert all(type(v).__module__.startswith("cupy") for v in metrics.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a GPU")
 def test_two_thread_replicas_step_without_host_syncs():
     if standin() is None:
         pytest.skip("counting syncs in several threads needs the stand-in's counter")
