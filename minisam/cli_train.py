@@ -202,9 +202,16 @@ def train_parser(sub):
                    help="how w comes back after the ascent: copy (exact) or subtract (w + e - e, "
                         f"as ASAM's descent_step) {_default('restore')}")
     g.add_argument("--sam-variant", choices=VARIANTS,
-                   help="sam, or gsam (Zhuang et al. 2022: descend along g_s minus --gsam-alpha "
-                        "times g's part orthogonal to g_s; rho follows lr down to --rho-min) "
+                   help="sam; gsam (Zhuang et al. 2022: descend along g_s minus --gsam-alpha "
+                        "times g's part orthogonal to g_s; rho follows lr down to --rho-min); "
+                        "looksam (Liu et al. 2022: a full SAM step every --looksam-k steps, one "
+                        "pass plus the kept orthogonal part of g_s in between) "
                         f"{_default('sam_variant')}")
+    g.add_argument("--looksam-k", type=int, metavar="K",
+                   help=f"LookSAM: a full SAM step every K steps {_default('looksam_k')}")
+    g.add_argument("--looksam-alpha", type=float, metavar="ALPHA",
+                   help="LookSAM: weight of the reused part, g + ALPHA ||g|| / ||g_v|| g_v "
+                        f"{_default('looksam_alpha')}")
     g.add_argument("--gsam-alpha", type=float, metavar="ALPHA",
                    help=f"GSAM's alpha; 0 is SAM {_default('gsam_alpha')}")
     g.add_argument("--rho-min", type=float, metavar="RHO",
@@ -214,6 +221,9 @@ def train_parser(sub):
                    help="m-SAM in one process: cut each replica's batch into micro-batches of M "
                         "examples, each with its own perturbation (one from their mean with "
                         f"--sync-perturbations); 0 = off {_default('micro_batch')}")
+    g.add_argument("--clip-before-sync", action="store_const", const=True,
+                   help="clip each replica's gradient, then average (default: average, then "
+                        "clip the mean, as the JAX code does)")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                    help="Nesterov momentum (JAX), or heavy-ball with --no-nesterov (torch SGD's "
                         "default) (default on)")

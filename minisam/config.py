@@ -55,10 +55,13 @@ class TrainConfig:
     asam_eta: float = _SAM.asam_eta
     restore: str = _SAM.restore
     nesterov: bool = _SAM.nesterov
+    clip_before_sync: bool = _SAM.clip_before_sync
     # SAM's variants (minisam.variants)
-    sam_variant: str = "sam"           # or "gsam"
+    sam_variant: str = "sam"           # or "gsam", "looksam"
     gsam_alpha: float = 0.4            # GSAM's alpha (juntang-zhuang/GSAM example default)
     rho_min: float | None = None       # GSAM: rho follows lr down to rho_min; None: constant
+    looksam_k: int = 5                 # LookSAM: a full SAM step every k steps (LookSAM-5)
+    looksam_alpha: float = 0.7         # LookSAM: weight of the reused orthogonal part
     micro_batch: int = 0               # m-SAM: micro-batches of this size per replica; 0 = off
     crop: int | None = None            # reflect padding before the crop; None: dataset default
     flip: bool | None = None           # None: dataset default
@@ -122,9 +125,13 @@ class TrainConfig:
         if self.sam_variant not in VARIANTS:
             raise ValueError(f"unknown sam variant {self.sam_variant!r}; expected one of "
                              f"{VARIANTS}")
-        if not (_real(self.gsam_alpha) and math.isfinite(self.gsam_alpha)
-                and self.gsam_alpha >= 0):
-            raise ValueError(f"gsam_alpha must be >= 0 and finite, got {self.gsam_alpha!r}")
+        for name in ("gsam_alpha", "looksam_alpha"):
+            v = getattr(self, name)
+            if not (_real(v) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {v!r}")
+        if isinstance(self.looksam_k, bool) or not isinstance(self.looksam_k, int) \
+                or self.looksam_k < 1:
+            raise ValueError(f"looksam_k must be a positive integer, got {self.looksam_k!r}")
         if self.rho_min is not None and not (_real(self.rho_min) and 0 <= self.rho_min
                                              <= self.rho):
             raise ValueError(f"rho_min must be in [0, rho={self.rho}] or None, got "
@@ -136,14 +143,17 @@ class TrainConfig:
                              f"of each replica, got {self.micro_batch!r}")
         if self.micro_batch and self.sam_variant != "sam":
             raise ValueError("micro_batch (m-SAM) goes with sam_variant 'sam' only")
+        if self.sam_variant == "looksam" and self.rho == 0:
+            raise ValueError("sam_variant 'looksam' needs rho > 0 (its full steps are SAM steps)")
         if self.micro_batch and self.restore != "copy":
             raise ValueError("micro_batch (m-SAM) restores w by copy only: use restore 'copy'")
 
     def step_function(self):
-        """The per-replica step this config trains with (``variants.step_function``)."""
+        """The per-replica step this config trains with (``variants.step_function``): a new
+        one for each replica, since LookSAM's carries that replica's state."""
         from .variants import step_function
         return step_function(self.sam_variant, self.micro_batch, self.gsam_alpha,
-                             self.rho_min, self.lr)
+                             self.rho_min, self.lr, self.looksam_k, self.looksam_alpha)
 
     def sam_config(self) -> SAMConfig:
         """The SAM step's settings (``sam.SAMConfig``), which validates them."""

@@ -75,6 +75,17 @@ DESCRIPTIONS["cifar10-wrn28_10-asam-official"] = (
     "SamsungLabs/ASAM's CIFAR-10 command: WRN-28-10, rho 0.5, eta 0 (its script's default), "
     "official ASAM semantics, label smoothing 0.1, batch 128")
 
+# juntang-zhuang/GSAM's example/train.py defaults: WRN-16-8, batch 128, 200 epochs, lr 0.1,
+# torch SGD (momentum 0.9, weight decay 5e-4), label smoothing 0.1, adaptive (davda54's
+# form), rho 2.0 at every lr (rho_max = rho_min), alpha 0.4; its data pipeline is
+# davda54's (crop, flip, cutout). Its exact lr/rho sequence: variants.gsam_official_schedule.
+PRESETS["cifar10-wrn16_8-gsam-official"] = dict(
+    _DAVDA54, rho=2.0, sam_variant="gsam", gsam_alpha=0.4, rho_min=None,
+    **dict(semantics("gsam_official"), adaptive="davda54"))
+DESCRIPTIONS["cifar10-wrn16_8-gsam-official"] = (
+    "juntang-zhuang/GSAM's example: WRN-16-8, GSAM alpha 0.4, adaptive, rho 2.0 constant, "
+    "gsam_official semantics, label smoothing 0.1, cutout 16")
+
 
 def preset(name: str) -> dict:
     """The settings of a preset (a copy); ValueError naming the known presets otherwise."""

@@ -20,7 +20,7 @@ import math
 import os
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -160,6 +160,8 @@ class Checkpoint:
     momentum: dict
     replica_states: list   # every replica's own BN state (exact resume); [] if not saved
     meta: dict
+    replica_carry: list = field(default_factory=list)   # a variant's per-replica state
+                                                        # (LookSAM's g_v); [] if none
 
     @property
     def config(self) -> TrainConfig:
@@ -173,7 +175,10 @@ def save_checkpoint(run_dir: str, ck: Checkpoint):
               for k, v in getattr(ck, part).items()}
     for r, s in enumerate(ck.replica_states):
         arrays.update({f"replica_state/{r}/{k}": to_numpy(v) for k, v in s.items()})
-    meta = dict(ck.meta, format=CHECKPOINT_FORMAT, saved_replica_states=len(ck.replica_states))
+    for r, c in enumerate(ck.replica_carry):
+        arrays.update({f"replica_carry/{r}/{k}": to_numpy(v) for k, v in c.items()})
+    meta = dict(ck.meta, format=CHECKPOINT_FORMAT, saved_replica_states=len(ck.replica_states),
+                saved_replica_carry=len(ck.replica_carry))
     blob = np.array(json.dumps(meta, sort_keys=True, allow_nan=False))
     atomic_write(os.path.join(run_dir, CHECKPOINT_FILE),
                  lambda f: np.savez(f, __meta__=blob, **arrays))
@@ -266,6 +271,7 @@ def load_checkpoint(path: str) -> Checkpoint:
 
     def group(prefix):
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-    n = meta["saved_replica_states"]
+    n, c = meta["saved_replica_states"], meta.get("saved_replica_carry", 0)
     return Checkpoint(group("params/"), group("state/"), group("momentum/"),
-                      [group(f"replica_state/{r}/") for r in range(n)], meta)
+                      [group(f"replica_state/{r}/") for r in range(n)], meta,
+                      [group(f"replica_carry/{r}/") for r in range(c)])

@@ -53,6 +53,7 @@ class SAMConfig:
     asam_eta: float = 0.01            # "asam" only: T_w = |w| + eta on kernels and scales
     restore: str = "copy"             # w after the ascent: "copy" (exact) or "subtract" (w+e-e)
     nesterov: bool = True             # False: heavy-ball momentum (torch SGD's default)
+    clip_before_sync: bool = False    # clip each replica's gradient, then average (JAX: after)
 
     def __post_init__(self):
         def number(name):
@@ -66,7 +67,7 @@ class SAMConfig:
         for name in ("label_smoothing", "momentum"):
             if not 0 <= number(name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        for name in ("sync_perturbations", "nesterov"):
+        for name in ("sync_perturbations", "nesterov", "clip_before_sync"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, choices in (("weight_decay_in", WEIGHT_DECAY_IN), ("adaptive", ADAPTIVE),
@@ -156,13 +157,17 @@ def sam_gradient(model, params, state, images, labels, cfg: SAMConfig, comm=Loca
 
 
 def descent(params, momentum, grad, lr, cfg: SAMConfig, comm=LocalComm(), trace=None):
-    """Step 4 of ``train_step``: average over replicas, clip, then the momentum step.
+    """Step 4 of ``train_step``: average over replicas, clip, then the momentum step
+    (``clip_before_sync``: clip each replica's gradient first, then average).
 
     Returns (params, momentum, the gradient the optimizer used)."""
+    if cfg.clip_before_sync:
+        grad, _ = clip_by_global_norm(grad, cfg.gradient_clipping)
     grad = comm.allreduce_mean(grad)
     if trace is not None:
         trace.update(grad_synced=grad)
-    grad, _ = clip_by_global_norm(grad, cfg.gradient_clipping)
+    if not cfg.clip_before_sync:
+        grad, _ = clip_by_global_norm(grad, cfg.gradient_clipping)
     if trace is not None:
         trace.update(grad_clipped=grad)
     if cfg.weight_decay_in == "optimizer":

@@ -27,11 +27,17 @@ nesterov             True (flax Momentum)     False in its example     False in 
                                               (torch SGD default)
 ===================  ======================  ======================  =====================
 
+juntang-zhuang/GSAM's ``GSAM`` class (``gsam_official``) makes davda54's choices except two:
+it always discards the perturbed pass's BN statistics (``disable_running_stats`` inside
+``step``) and restores w by subtraction (``unperturb``). No implementation above clips
+before the all-reduce (``clip_before_sync``), but a per-replica clip is a common
+hand-written variant, so it is a switch too.
+
 Sources: google-research/sam ``sam_jax/training_utils/flax_training.py`` (``train_step``,
 ``get_sam_gradient``, ``dual_vector``, ``clip_by_global_norm``); davda54/sam ``sam.py``
 (``first_step``, ``second_step``, ``_grad_norm``) and ``example/train.py`` with
 ``example/utility/bypass_bn.py``; SamsungLabs/ASAM ``asam.py`` (``ASAM.ascent_step``,
-``descent_step``) and ``example_cifar.py``. optax's ``optax.contrib.sam`` leaves most of
+``descent_step``) and ``example_cifar.py``; juntang-zhuang/GSAM ``gsam/gsam.py``. optax's ``optax.contrib.sam`` leaves most of
 these to the caller (README: "SAM is not one algorithm").
 
 The base optimizer's other settings (lr, momentum 0.9, the schedule) and the loss's label
@@ -40,11 +46,11 @@ smoothing are run settings, not semantics: presets here set only the rows above.
 from __future__ import annotations
 
 SWITCHES = ("weight_decay_in", "norm_eps", "perturbed_bn_stats", "adaptive", "asam_eta",
-            "gradient_clipping", "restore", "nesterov")
+            "gradient_clipping", "clip_before_sync", "restore", "nesterov")
 
 _JAX = dict(weight_decay_in="loss", norm_eps=0.0, perturbed_bn_stats="discard",
-            adaptive="none", asam_eta=0.01, gradient_clipping=5.0, restore="copy",
-            nesterov=True)
+            adaptive="none", asam_eta=0.01, gradient_clipping=5.0, clip_before_sync=False,
+            restore="copy", nesterov=True)
 _DAVDA54 = dict(_JAX, weight_decay_in="optimizer", norm_eps=1e-12,
                 perturbed_bn_stats="update", gradient_clipping=0.0, nesterov=False)
 
@@ -55,6 +61,7 @@ SEMANTICS: dict[str, dict] = {
     "davda54_asam": dict(_DAVDA54, perturbed_bn_stats="discard", adaptive="davda54"),
     "asam_official": dict(_DAVDA54, norm_eps=1e-16, adaptive="asam", asam_eta=0.01,
                           restore="subtract"),
+    "gsam_official": dict(_DAVDA54, perturbed_bn_stats="discard", restore="subtract"),
 }
 DESCRIPTIONS = {
     "sam_jax": "google-research/sam (the default): weight decay in the loss, no epsilon, "
@@ -68,6 +75,9 @@ DESCRIPTIONS = {
     "asam_official": "SamsungLabs/ASAM: |w| + eta on weights only (eta 0.01, the class "
                      "default; its example passes --eta, default 0), norm + 1e-16, w restored "
                      "by subtraction, torch SGD weight decay, heavy-ball",
+    "gsam_official": "juntang-zhuang/GSAM's GSAM class (use with --sam-variant gsam): torch SGD "
+                     "weight decay, norm + 1e-12 (also in its cosine), perturbed pass's BN "
+                     "stats discarded, w restored by subtraction, heavy-ball in its example",
 }
 
 

@@ -177,7 +177,7 @@ class Trainer:
         self.lr_fn = (cosine_schedule(config.lr, config.epochs, self.steps_per_epoch)
                       if config.schedule == "cosine" else constant_schedule(config.lr))
         self.sam_cfg = config.sam_config()
-        self.step_fn = config.step_function()     # sam.train_step, or a variant of it
+        self.step_fns = [config.step_function() for _ in self.replicas.ranks]  # LookSAM: state
 
         self.models = [wide_resnet(config.model, num_outputs=train.num_classes,
                                    in_channels=train.image_shape[-1], seed=config.seed)
@@ -232,6 +232,10 @@ class Trainer:
             self.states = [tree_to_device(ck.state, dev) for _ in self.replicas.ranks]
         m = ck.meta
         self.step, self.epoch, self.step_in_epoch = m["step"], m["epoch"], m["step_in_epoch"]
+        if hasattr(self.step_fns[0], "load"):   # LookSAM: step count and g_v (else a full step)
+            saved = ck.replica_carry if len(ck.replica_carry) == self.replicas.size else None
+            for f, r in zip(self.step_fns, self.replicas.ranks):
+                f.load(self.step, {} if saved is None else tree_to_device(saved[r], dev))
         self._sums, self.last_record = dict(m["epoch_sums"]), m.get("last_record")
         self.elapsed = m.get("elapsed_s", 0.0)
         if self.replicas.main:
@@ -263,8 +267,10 @@ class Trainer:
                 # default_rng([seed, 0, epoch]) and default_rng([seed, 1, epoch, step]).
                 "rng": {"seed": self.cfg.seed, "epoch": self.epoch,
                         "step_in_epoch": self.step_in_epoch, "label_noise_seed": self.cfg.seed}}
+        carry = [f.carry() for f in self.step_fns] if hasattr(self.step_fns[0], "carry") \
+            and self.replicas.holds_all else []
         rundir.save_checkpoint(self.out_dir, rundir.Checkpoint(
-            self.params, state, self.momentum, self.states if keep_all else [], meta))
+            self.params, state, self.momentum, self.states if keep_all else [], meta, carry))
 
     # -- one step -----------------------------------------------------------------------
     def _train_step(self, shards, lr):
@@ -272,8 +278,8 @@ class Trainer:
         (params, momentum, states, host metrics) without committing them."""
         def replica(i, comm):
             x, y = shards[i]
-            return self.step_fn(self.models[i], self.params, self.states[i], self.momentum,
-                                x, y, lr, self.sam_cfg, comm)
+            return self.step_fns[i](self.models[i], self.params, self.states[i],
+                                    self.momentum, x, y, lr, self.sam_cfg, comm)
         results = self.replicas.run(replica)
         p, _, m, _ = results[0]   # identical on every replica
         xp = get_xp(p[next(iter(p))])

@@ -26,7 +26,7 @@ from .sam import (SAMConfig, descent, loss_and_grad, perturbation, sam_gradient,
                   train_step)
 from .tree import global_norm, mean_in_rank_order
 
-VARIANTS = ("sam", "gsam")     # what ``minisam train --sam-variant`` runs (LookSAM: below)
+VARIANTS = ("sam", "gsam", "looksam")     # what ``minisam train --sam-variant`` runs
 
 
 def inner(a: dict, b: dict):
@@ -133,13 +133,41 @@ def microbatch_step(model, params, state, momentum, images, labels, lr, cfg: SAM
     return params, state, momentum, step_metrics(ce, xp_logits, labels, grad, params)
 
 
+class LookSAM:
+    """``looksam_step`` with ``train_step``'s signature, for the Trainer: it counts its calls
+    (the global step) and keeps its replica's g_v. ``carry()`` / ``load(step, carry)`` move
+    both through a checkpoint, so a resumed run repeats an uninterrupted one exactly."""
+
+    def __init__(self, k: int, alpha: float):
+        self.k, self.alpha, self.calls, self.g_v = k, alpha, 0, None
+
+    def __call__(self, model, params, state, momentum, images, labels, lr, cfg,
+                 comm=LocalComm(), trace=None):
+        *out, self.g_v = looksam_step(model, params, state, momentum, images, labels, lr, cfg,
+                                      self.calls, self.k, self.alpha, self.g_v, comm, trace)
+        self.calls += 1
+        return tuple(out)
+
+    def carry(self) -> dict:
+        return {} if self.g_v is None else dict(self.g_v)
+
+    def load(self, step: int, carry: dict):
+        self.calls, self.g_v = step, (dict(carry) or None)
+
+
 def step_function(variant: str = "sam", micro_batch: int = 0, gsam_alpha: float = 0.0,
-                  rho_min: float | None = None, lr_max: float = 1.0):
+                  rho_min: float | None = None, lr_max: float = 1.0, looksam_k: int = 5,
+                  looksam_alpha: float = 0.7):
     """A function with ``train_step``'s signature that runs ``variant`` (the Trainer's one
-    way to call any of them): SAM, micro-batch m-SAM if ``micro_batch``, or GSAM with rho
-    following lr from ``cfg.rho`` at ``lr_max`` down to ``rho_min`` (default: constant)."""
+    way to call any of them): SAM, micro-batch m-SAM if ``micro_batch``, GSAM with rho
+    following lr from ``cfg.rho`` at ``lr_max`` down to ``rho_min`` (default: constant), or
+    a ``LookSAM`` (stateful: one per replica)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SAM variant {variant!r}; expected one of {VARIANTS}")
+    if micro_batch and variant != "sam":
+        raise ValueError("micro-batches (m-SAM) go with the plain SAM step only")
+    if variant == "looksam":
+        return LookSAM(looksam_k, looksam_alpha)
     if variant == "sam":
         if not micro_batch:
             return train_step
@@ -149,8 +177,6 @@ def step_function(variant: str = "sam", micro_batch: int = 0, gsam_alpha: float 
             return microbatch_step(model, params, state, momentum, images, labels, lr, cfg,
                                    micro_batch, comm, trace)
         return micro
-    if micro_batch:
-        raise ValueError("micro-batches (m-SAM) go with the plain SAM step, not with GSAM")
 
     def gsam(model, params, state, momentum, images, labels, lr, cfg, comm=LocalComm(),
              trace=None):

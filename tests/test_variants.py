@@ -166,7 +166,9 @@ def test_training_runs_end_to_end_with_each_variant(flags, tmp_path, capsys):
 @pytest.mark.parametrize("fields, needle", [
     (dict(micro_batch=5), r"micro_batch must be 0 \(off\) or divide the 32 examples"),
     (dict(micro_batch=8, sam_variant="gsam"), "goes with sam_variant 'sam' only"),
-    (dict(sam_variant="looksam"), "unknown sam variant 'looksam'"),
+    (dict(sam_variant="lookahead"), "unknown sam variant 'lookahead'"),
+    (dict(sam_variant="looksam", rho=0.0), "looksam' needs rho > 0"),
+    (dict(sam_variant="looksam", looksam_k=0), "looksam_k must be a positive integer"),
     (dict(rho_min=0.5), r"rho_min must be in \[0, rho=0.05\]"),
     (dict(gsam_alpha=-1.0), "gsam_alpha must be >= 0"),
 ])
@@ -214,3 +216,66 @@ def test_the_published_setups_carry_their_implementations_semantics():
     official = preset("cifar10-wrn28_10-asam-official")
     assert (official["rho"], official["adaptive"], official["asam_eta"], official["restore"]) == (
         0.5, "asam", 0.0, "subtract")
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_looksam_in_the_trainer_resumes_bitwise(tmp_path, replicas):
+    """LookSAM keeps each replica's g_v between full steps; the checkpoint carries it, so a
+    run stopped between full steps (30 is not a multiple of k = 4) resumes exactly."""
+    from minisam.config import TrainConfig
+    from minisam.rundir import load_checkpoint
+    from minisam.train import Trainer
+    from tests.test_train import assert_same_run
+    cfg = TrainConfig(dataset="digits", image_size=8, model="wrn10_1", epochs=2, batch_size=64,
+                      rho=0.1, sam_variant="looksam", looksam_k=4, replicas=replicas)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    Trainer(cfg, a, progress=False).fit()
+    Trainer(cfg, b, progress=False, max_steps=30).fit()
+    ck = load_checkpoint(b)
+    assert len(ck.replica_carry) == replicas and set(ck.replica_carry[0]) == set(ck.params)
+    Trainer(None, b, progress=False, resume=True).fit()
+    assert_same_run(a, b)
+    # without the carried g_v the resumed run differs: the carry is what makes it exact
+    c = str(tmp_path / "c")
+    Trainer(cfg, c, progress=False, max_steps=30).fit()
+    t = Trainer(None, c, progress=False, resume=True)
+    for f in t.step_fns:
+        f.g_v = None
+    t.fit()
+    with pytest.raises(AssertionError):
+        assert_same_run(a, c)
+
+
+def test_looksam_trains_end_to_end_from_the_cli(tmp_path, capsys):
+    import json
+    import os
+    from minisam.cli import main
+    run = str(tmp_path / "run")
+    code = main(["train", "--dataset", "digits", "--image-size", "8", "--model", "wrn10_1",
+                 "--epochs", "3", "--batch-size", "64", "--rho", "0.1", "--no-progress",
+                 "--sam-variant", "looksam", "--looksam-k", "5", "--out", run])
+    assert code == 0, capsys.readouterr().err
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    assert np.isfinite(last["train_loss"]) and last["test_error_rate"] < 0.2
+
+
+def test_clipping_before_the_all_reduce_clips_each_replica():
+    """clip_before_sync: the mean of the replicas' clipped gradients (JAX: the clipped mean)."""
+    from minisam.optim import clip_by_global_norm
+    cfg = SAMConfig(rho=0.0, gradient_clipping=0.5, clip_before_sync=True)
+    model, params, state, x, y = problem()
+
+    def replica(rank, comm):
+        m = WideResnet(1, 1, 4, seed=0)
+        sl = slice(4 * rank, 4 * rank + 4)
+        trace = {}
+        out = train_step(m, params, state, nesterov_init(params), x[sl], y[sl], 0.1, cfg, comm,
+                         trace)
+        return out, trace
+    (out0, t0), (_, t1) = run_replicas(2, replica)
+    raw = [t0["grad"], t1["grad"]]
+    assert all(np.sqrt(inner(g, g)) > 0.5 for g in raw)            # both get clipped
+    want = {k: (clip_by_global_norm(raw[0], 0.5)[0][k] + clip_by_global_norm(raw[1], 0.5)[0][k])
+            / 2 for k in raw[0]}
+    close(out0[2], want)                                           # first momentum = gradient
