@@ -174,6 +174,10 @@ def train_parser(sub):
     g.add_argument("--sync-perturbations", action="store_const", const=True,
                    help="average the first gradient over replicas before the SAM perturbation "
                         "(default: each replica perturbs with its own gradient, m-sharpness)")
+    g.add_argument("--inner-group-size", type=int, metavar="G",
+                   help="with --sync-perturbations: average the first gradient within groups "
+                        "of G consecutive replicas only (the JAX code's --inner_group_size); "
+                        f"0 = all {_default('inner_group_size')}")
     g = t.add_argument_group(
         "SAM semantics and variants", "the choices SAM implementations disagree on "
         "(minisam.semantics; README 'SAM is not one algorithm'; defaults: google-research/"

@@ -47,6 +47,7 @@ class TrainConfig:
     gradient_clipping: float = 5.0     # 0 disables
     momentum: float = 0.9
     sync_perturbations: bool = False
+    inner_group_size: int = _SAM.inner_group_size   # sync within groups of replicas; 0: all
     # the SAM semantics switches (sam.SAMConfig, minisam.semantics), SAMConfig's defaults
     weight_decay_in: str = _SAM.weight_decay_in
     norm_eps: float = _SAM.norm_eps
@@ -136,6 +137,9 @@ class TrainConfig:
                                              <= self.rho):
             raise ValueError(f"rho_min must be in [0, rho={self.rho}] or None, got "
                              f"{self.rho_min!r}")
+        if self.inner_group_size and self.replicas > 1 and self.replicas % self.inner_group_size:
+            raise ValueError(f"inner_group_size {self.inner_group_size} must divide the "
+                             f"{self.replicas} replicas")
         per_replica = self.batch_size // self.replicas
         if (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
                 or self.micro_batch < 0 or (self.micro_batch and per_replica % self.micro_batch)):

@@ -24,6 +24,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .distributed import group_mean
 from .distributed.local import LocalComm
 from .nn.loss import error_rate, one_hot, softmax_cross_entropy
 from .optim import clip_by_global_norm, momentum_update
@@ -43,6 +44,8 @@ class SAMConfig:
     label_smoothing: float = 0.0
     gradient_clipping: float = 5.0    # max global norm; 0 disables
     sync_perturbations: bool = False  # average g over replicas before the dual vector
+    inner_group_size: int = 0         # ... over groups of this many replicas (0: all; JAX's
+                                      # --inner_group_size)
     momentum: float = 0.9             # beta of the momentum buffer
     # -- the choices implementations disagree on (minisam.semantics); defaults: the JAX code
     weight_decay_in: str = "loss"     # "loss": in L at w and w + e; "optimizer": wd * w added
@@ -70,6 +73,10 @@ class SAMConfig:
         for name in ("sync_perturbations", "nesterov", "clip_before_sync"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.inner_group_size, bool) or not isinstance(self.inner_group_size, int) \
+                or self.inner_group_size < 0:
+            raise ValueError(f"inner_group_size must be an integer >= 0 (0: all replicas), got "
+                             f"{self.inner_group_size!r}")
         for name, choices in (("weight_decay_in", WEIGHT_DECAY_IN), ("adaptive", ADAPTIVE),
                               ("perturbed_bn_stats", PERTURBED_BN_STATS), ("restore", RESTORE)):
             if getattr(self, name) not in choices:
@@ -140,7 +147,7 @@ def sam_gradient(model, params, state, images, labels, cfg: SAMConfig, comm=Loca
     if trace is not None:
         trace.update(loss=loss, cross_entropy=ce, logits=logits, grad=grad, state=new_state)
     if cfg.rho > 0:
-        g = comm.allreduce_mean(grad) if cfg.sync_perturbations else grad
+        g = group_mean(comm, grad, cfg.inner_group_size) if cfg.sync_perturbations else grad
         e, g_norm = perturbation(g, params, cfg)                                  # 2. e
         perturbed = {k: w + e[k] for k, w in params.items()}
         loss_p, ce, logits, grad = loss_and_grad(model, perturbed, images, onehot, cfg)  # 3.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from .distributed import group_mean
 from .distributed.local import LocalComm
 from .nn.loss import one_hot
 from .sam import (SAMConfig, descent, loss_and_grad, perturbation, sam_gradient, step_metrics,
@@ -117,7 +118,7 @@ def microbatch_step(model, params, state, momentum, images, labels, lr, cfg: SAM
             model.set_state(state)
             g = loss_and_grad(model, params, images[c], onehot[c], cfg)[3]
             firsts.append((g, model.get_state()))
-        g = comm.allreduce_mean(mean_in_rank_order([f[0] for f in firsts]))
+        g = group_mean(comm, mean_in_rank_order([f[0] for f in firsts]), cfg.inner_group_size)
         e, _ = perturbation(g, params, cfg)               # 2. one e for the whole batch
         perturbed = {k: w + e[k] for k, w in params.items()}
         for c, (_, s) in zip(chunks, firsts):             # 3. g at w + e, micro-batch by micro

@@ -279,3 +279,51 @@ def test_clipping_before_the_all_reduce_clips_each_replica():
     want = {k: (clip_by_global_norm(raw[0], 0.5)[0][k] + clip_by_global_norm(raw[1], 0.5)[0][k])
             / 2 for k in raw[0]}
     close(out0[2], want)                                           # first momentum = gradient
+
+
+def _replica_perturbations(cfg, replicas=4):
+    model, params, state, x, y = problem(3, n=8)
+    b = 8 // replicas
+
+    def replica(rank, comm):
+        m = WideResnet(1, 1, 4, seed=0)
+        sl = slice(b * rank, b * rank + b)
+        trace = {}
+        train_step(m, params, state, nesterov_init(params), x[sl], y[sl], 0.1, cfg, comm, trace)
+        return trace
+    return run_replicas(replicas, replica)
+
+
+def test_inner_groups_sync_the_perturbation_within_each_group():
+    """JAX's --inner_group_size: with 4 replicas in groups of 2, replicas 0 and 1 perturb
+    with the mean of their two gradients, 2 and 3 with theirs; group size 4 is plain
+    sync and 1 is per-replica."""
+    cfg = SAMConfig(rho=0.1, sync_perturbations=True, inner_group_size=2)
+    traces = _replica_perturbations(cfg)
+    for group in ((0, 1), (2, 3)):
+        g = {k: (traces[group[0]]["grad"][k] + traces[group[1]]["grad"][k]) / 2
+             for k in traces[0]["grad"]}
+        n = np.sqrt(inner(g, g))
+        for r in group:
+            close(traces[r]["perturbation"], {k: 0.1 * v / n for k, v in g.items()},
+                  rtol=1e-12)
+    assert not np.allclose(traces[0]["perturbation"]["Dense_3/bias"],
+                           traces[2]["perturbation"]["Dense_3/bias"])
+    whole = _replica_perturbations(SAMConfig(rho=0.1, sync_perturbations=True))
+    four = _replica_perturbations(SAMConfig(rho=0.1, sync_perturbations=True,
+                                            inner_group_size=4))
+    alone = _replica_perturbations(SAMConfig(rho=0.1))
+    ones = _replica_perturbations(SAMConfig(rho=0.1, sync_perturbations=True,
+                                            inner_group_size=1))
+    for r in range(4):
+        close(four[r]["perturbation"], whole[r]["perturbation"], rtol=0, atol=0)
+        close(ones[r]["perturbation"], alone[r]["perturbation"], rtol=0, atol=0)
+
+
+def test_inner_group_size_must_divide_the_replicas():
+    from minisam.config import TrainConfig
+    with pytest.raises(ValueError, match="inner_group_size 3 must divide the 4 replicas"):
+        TrainConfig(dataset="digits", model="wrn10_1", batch_size=32, replicas=4,
+                    inner_group_size=3)
+    with pytest.raises(ValueError, match="inner_group_size must be an integer >= 0"):
+        SAMConfig(inner_group_size=-2)

@@ -52,6 +52,28 @@ class Communicator(Protocol):
         """Release what the communicator holds."""
 
 
+def group_mean(comm, tree: dict, group_size: int = 0) -> dict:
+    """The mean of ``tree`` over this rank's group of ``group_size`` consecutive ranks
+    (0 or >= size: over every rank), with nothing asked of the communicator beyond
+    ``allreduce_mean``: each rank posts its tree in its group's slot of a tree with one
+    slot per group (zeros elsewhere), and rescales its slot of the mean. That costs
+    size / group_size times the traffic, which is fine for a semantics tool. The JAX
+    code's ``--inner_group_size`` (``local_replica_groups``) groups replicas by TPU
+    topology; here a group is ranks [j G, (j + 1) G)."""
+    if not group_size or group_size >= comm.size:
+        return comm.allreduce_mean(tree)
+    if group_size == 1:
+        return tree
+    if comm.size % group_size:
+        raise ValueError(f"inner group size {group_size} does not divide the {comm.size} "
+                         "replicas")
+    groups, mine = comm.size // group_size, comm.rank // group_size
+    slots = {f"group{j}/{k}": v if j == mine else v * 0 for j in range(groups)
+             for k, v in tree.items()}
+    mean = comm.allreduce_mean(slots)
+    return {k: mean[f"group{mine}/{k}"] * (comm.size / group_size) for k in tree}
+
+
 def comm_from_env(device: str = "gpu", nccl: bool | None = None, env=None, **kwargs):
     """The communicator for this process.
 
