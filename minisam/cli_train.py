@@ -162,7 +162,9 @@ def train_parser(sub):
     g.add_argument("--lr", type=float, help=f"peak learning rate {_default('lr')}")
     g.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate schedule per step: cosine from lr to 0 without warm-up "
-                        f"(sam_jax get_cosine_schedule) or constant {_default('schedule')}")
+                        "(sam_jax get_cosine_schedule), constant, or gsam-official (with "
+                        "--sam-variant gsam: juntang-zhuang/GSAM's example's lr and rho, step by "
+                        f"step) {_default('schedule')}")
     g.add_argument("--weight-decay", type=float, metavar="WD",
                    help=f"L2 coefficient on all parameters, BN included {_default('weight_decay')}")
     g.add_argument("--label-smoothing", type=float, metavar="LS",

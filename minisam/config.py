@@ -15,7 +15,7 @@ from .data import DATASETS, SOURCES, Augment, default_augment
 from .models import parse_wrn_name
 from .sam import SAMConfig
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "gsam-official")
 SMALL_DATASET_MODEL = "wrn10_2"   # the CLI's model for digits and synthetic
 SAM_FIELDS = tuple(f.name for f in dataclasses.fields(SAMConfig))
 _SAM = SAMConfig()   # the SAM fields' defaults live in SAMConfig
@@ -40,7 +40,7 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 128              # global batch, split evenly over replicas
     lr: float = 0.1
-    schedule: str = "cosine"           # or "constant"
+    schedule: str = "cosine"           # or "constant", "gsam-official" (GSAM's example)
     weight_decay: float = 5e-4
     rho: float = 0.05                  # 0 = SGD
     label_smoothing: float = 0.0
@@ -147,17 +147,39 @@ class TrainConfig:
                              f"of each replica, got {self.micro_batch!r}")
         if self.micro_batch and self.sam_variant != "sam":
             raise ValueError("micro_batch (m-SAM) goes with sam_variant 'sam' only")
+        if self.schedule == "gsam-official" and self.sam_variant != "gsam":
+            raise ValueError("schedule 'gsam-official' is GSAM's lr and rho together: it needs "
+                             "sam_variant 'gsam'")
         if self.sam_variant == "looksam" and self.rho == 0:
             raise ValueError("sam_variant 'looksam' needs rho > 0 (its full steps are SAM steps)")
         if self.micro_batch and self.restore != "copy":
             raise ValueError("micro_batch (m-SAM) restores w by copy only: use restore 'copy'")
 
-    def step_function(self):
+    def lr_schedule(self, steps_per_epoch: int):
+        """lr(step), step counted from 0: the JAX code's per-step cosine, a constant, or
+        juntang-zhuang/GSAM's example's exact sequence (``variants.gsam_official_schedule``)."""
+        from .optim import constant_schedule, cosine_schedule
+        if self.schedule == "constant":
+            return constant_schedule(self.lr)
+        if self.schedule == "cosine":
+            return cosine_schedule(self.lr, self.epochs, steps_per_epoch)
+        cosine_schedule(self.lr, self.epochs, steps_per_epoch)    # the same argument checks
+        at = self._gsam_official(steps_per_epoch)
+        return lambda step: at(step + 1)[0]
+
+    def _gsam_official(self, steps_per_epoch: int):
+        from .variants import gsam_official_schedule
+        rho_min = self.rho if self.rho_min is None else self.rho_min
+        return gsam_official_schedule(self.lr, self.epochs * steps_per_epoch, self.rho, rho_min)
+
+    def step_function(self, steps_per_epoch: int = 1):
         """The per-replica step this config trains with (``variants.step_function``): a new
         one for each replica, since LookSAM's carries that replica's state."""
         from .variants import step_function
+        rho_at = (lambda step, at=self._gsam_official(steps_per_epoch): at(step + 1)[1]) \
+            if self.schedule == "gsam-official" else None
         return step_function(self.sam_variant, self.micro_batch, self.gsam_alpha,
-                             self.rho_min, self.lr, self.looksam_k, self.looksam_alpha)
+                             self.rho_min, self.lr, self.looksam_k, self.looksam_alpha, rho_at)
 
     def sam_config(self) -> SAMConfig:
         """The SAM step's settings (``sam.SAMConfig``), which validates them."""

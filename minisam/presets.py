@@ -78,9 +78,10 @@ DESCRIPTIONS["cifar10-wrn28_10-asam-official"] = (
 # juntang-zhuang/GSAM's example/train.py defaults: WRN-16-8, batch 128, 200 epochs, lr 0.1,
 # torch SGD (momentum 0.9, weight decay 5e-4), label smoothing 0.1, adaptive (davda54's
 # form), rho 2.0 at every lr (rho_max = rho_min), alpha 0.4; its data pipeline is
-# davda54's (crop, flip, cutout). Its exact lr/rho sequence: variants.gsam_official_schedule.
+# davda54's (crop, flip, cutout); its lr and rho step by step: schedule "gsam-official".
 PRESETS["cifar10-wrn16_8-gsam-official"] = dict(
     _DAVDA54, rho=2.0, sam_variant="gsam", gsam_alpha=0.4, rho_min=None,
+    schedule="gsam-official",
     **dict(semantics("gsam_official"), adaptive="davda54"))
 DESCRIPTIONS["cifar10-wrn16_8-gsam-official"] = (
     "juntang-zhuang/GSAM's example: WRN-16-8, GSAM alpha 0.4, adaptive, rho 2.0 constant, "

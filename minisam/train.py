@@ -51,7 +51,7 @@ from .data import Loader, load_dataset
 from .evaluate import evaluate
 from .distributed.replicas import Replicas
 from .models import wide_resnet
-from .optim import constant_schedule, cosine_schedule, nesterov_init
+from .optim import nesterov_init
 
 # Per-step metrics of sam.train_step, moved to the host together once per step.
 STEP_METRICS = ("train_loss", "train_error_rate", "gradient_norm", "param_norm")
@@ -174,10 +174,10 @@ class Trainer:
         self.loader = Loader(train, config.batch_size, train=True, augment=config.augment(),
                              seed=config.seed, device=config.device, replicas=config.replicas)
         self.steps_per_epoch = self.loader.steps_per_epoch
-        self.lr_fn = (cosine_schedule(config.lr, config.epochs, self.steps_per_epoch)
-                      if config.schedule == "cosine" else constant_schedule(config.lr))
+        self.lr_fn = config.lr_schedule(self.steps_per_epoch)
         self.sam_cfg = config.sam_config()
-        self.step_fns = [config.step_function() for _ in self.replicas.ranks]  # LookSAM: state
+        self.step_fns = [config.step_function(self.steps_per_epoch)   # LookSAM's hold state
+                         for _ in self.replicas.ranks]
 
         self.models = [wide_resnet(config.model, num_outputs=train.num_classes,
                                    in_channels=train.image_shape[-1], seed=config.seed)

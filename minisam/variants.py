@@ -156,13 +156,38 @@ class LookSAM:
         self.calls, self.g_v = step, (dict(carry) or None)
 
 
+class GSAM:
+    """``gsam_step`` with ``train_step``'s signature, for the Trainer: rho follows lr
+    (``gsam_rho``), or, given ``rho_at(step)``, a schedule by step (the official example's,
+    whose first step does not follow its lr); it counts its calls for that."""
+
+    def __init__(self, alpha: float, rho_min: float | None, lr_max: float, rho_at=None):
+        self.alpha, self.rho_min, self.lr_max, self.rho_at, self.calls = (
+            alpha, rho_min, lr_max, rho_at, 0)
+
+    def __call__(self, model, params, state, momentum, images, labels, lr, cfg,
+                 comm=LocalComm(), trace=None):
+        rho = (self.rho_at(self.calls) if self.rho_at is not None else
+               gsam_rho(lr, self.lr_max, cfg.rho, cfg.rho if self.rho_min is None
+                        else self.rho_min))
+        self.calls += 1
+        return gsam_step(model, params, state, momentum, images, labels, lr,
+                         replace(cfg, rho=rho), self.alpha, comm, trace)
+
+    def carry(self) -> dict:
+        return {}
+
+    def load(self, step: int, carry: dict):
+        self.calls = step
+
+
 def step_function(variant: str = "sam", micro_batch: int = 0, gsam_alpha: float = 0.0,
                   rho_min: float | None = None, lr_max: float = 1.0, looksam_k: int = 5,
-                  looksam_alpha: float = 0.7):
+                  looksam_alpha: float = 0.7, rho_at=None):
     """A function with ``train_step``'s signature that runs ``variant`` (the Trainer's one
-    way to call any of them): SAM, micro-batch m-SAM if ``micro_batch``, GSAM with rho
-    following lr from ``cfg.rho`` at ``lr_max`` down to ``rho_min`` (default: constant), or
-    a ``LookSAM`` (stateful: one per replica)."""
+    way to call any of them): SAM, micro-batch m-SAM if ``micro_batch``, a ``GSAM`` (rho
+    following lr from ``cfg.rho`` at ``lr_max`` down to ``rho_min``, default constant, or
+    ``rho_at(step)``), or a ``LookSAM`` (one per replica: it holds that replica's g_v)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SAM variant {variant!r}; expected one of {VARIANTS}")
     if micro_batch and variant != "sam":
@@ -179,12 +204,7 @@ def step_function(variant: str = "sam", micro_batch: int = 0, gsam_alpha: float 
                                    micro_batch, comm, trace)
         return micro
 
-    def gsam(model, params, state, momentum, images, labels, lr, cfg, comm=LocalComm(),
-             trace=None):
-        rho = gsam_rho(lr, lr_max, cfg.rho, cfg.rho if rho_min is None else rho_min)
-        return gsam_step(model, params, state, momentum, images, labels, lr,
-                         replace(cfg, rho=rho), gsam_alpha, comm, trace)
-    return gsam
+    return GSAM(gsam_alpha, rho_min, lr_max, rho_at)
 
 
 def _concat(arrays):

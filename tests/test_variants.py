@@ -327,3 +327,29 @@ def test_inner_group_size_must_divide_the_replicas():
                     inner_group_size=3)
     with pytest.raises(ValueError, match="inner_group_size must be an integer >= 0"):
         SAMConfig(inner_group_size=-2)
+
+
+def test_the_trainer_runs_gsam_official_schedule_step_by_step_across_a_resume(tmp_path,
+                                                                              monkeypatch):
+    """--schedule gsam-official: the Trainer's (lr, rho) at every step is the official
+    example's sequence (step 1 at rho_min, the lr one step behind), resumed or not."""
+    from minisam import variants
+    from minisam.config import TrainConfig
+    from minisam.train import Trainer
+    seen = []
+    real = variants.gsam_step
+    monkeypatch.setattr(variants, "gsam_step",
+                        lambda *a, **k: seen.append((a[6], a[7].rho)) or real(*a, **k))
+    cfg = TrainConfig(dataset="digits", image_size=8, model="wrn10_1", epochs=1, batch_size=256,
+                      rho=0.1, rho_min=0.02, sam_variant="gsam", schedule="gsam-official")
+    run = str(tmp_path / "run")
+    t = Trainer(cfg, run, progress=False, max_steps=3)
+    t.fit()
+    Trainer(None, run, progress=False, resume=True).fit()
+    total = t.steps_per_epoch
+    at = gsam_official_schedule(0.1, total, 0.1, 0.02)
+    assert len(seen) == total and seen[0] == (0.1, pytest.approx(0.02))
+    for k, (lr, rho) in enumerate(seen, start=1):
+        assert (lr, rho) == (pytest.approx(at(k)[0]), pytest.approx(at(k)[1]))
+    with pytest.raises(ValueError, match="needs sam_variant 'gsam'"):
+        TrainConfig(dataset="digits", model="wrn10_1", schedule="gsam-official")
