@@ -112,6 +112,9 @@ def _check_torch_manifest(cfg: dict, where: str):
     if cfg["replicas"] != 1 or cfg["batch_size"] < 1:
         raise ValueError(f"{where}: a PyTorch-schema case has one replica and a batch, got "
                          f"replicas {cfg['replicas']!r}, batch_size {cfg['batch_size']!r}")
+    if cfg.get("variant", "sam") != "sam":
+        raise ValueError(f"{where}: the case runs variant {cfg['variant']!r}; minisam verify "
+                         "runs PyTorch-schema cases of plain SAM (and its switches) so far")
     for k in ("lr_per_step", "rho_per_step"):
         if not (isinstance(cfg[k], list) and len(cfg[k]) == cfg["num_steps"]):
             raise ValueError(f"{where}: config field {k!r} must list one value per step "

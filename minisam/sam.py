@@ -110,10 +110,11 @@ def dual_vector(g: dict, eps: float = 0.0):
 
 
 def adaptive_scale(params: dict, cfg: SAMConfig) -> dict:
-    """ASAM's T_w (Kwon et al., ICML 2021, eq. 8 with the elementwise operator), per key:
+    """ASAM's normalisation operator T_w (Kwon et al., ICML 2021), elementwise, per key:
     ``"davda54"``: |w| on every parameter, no eta (davda54/sam ``adaptive=True``);
     ``"asam"``: |w| + eta on the parameters PyTorch names ``weight`` (conv and dense
-    kernels, BN scales) and 1 on biases (SamsungLabs/ASAM ``ASAM.ascent_step``)."""
+    kernels, BN scales), None (that is, 1) on biases (SamsungLabs/ASAM
+    ``ASAM.ascent_step``)."""
     if cfg.adaptive == "davda54":
         return {k: abs(w) for k, w in params.items()}
     return {k: abs(w) + cfg.asam_eta if not k.endswith("/bias") else None
@@ -122,7 +123,7 @@ def adaptive_scale(params: dict, cfg: SAMConfig) -> dict:
 
 def perturbation(g: dict, params: dict, cfg: SAMConfig):
     """The ascent step e and the norm it divides by. SAM: e = rho g / ||g|| (eq. 2).
-    ASAM: e = rho T^2 g / ||T g||, T = ``adaptive_scale`` (eq. 8), so ASAM with T = 1 is SAM.
+    ASAM: e = rho T^2 g / ||T g||, T = ``adaptive_scale``, so ASAM with T = 1 is SAM.
 
     Returns (e, the norm before any epsilon)."""
     if cfg.adaptive == "none":

@@ -96,10 +96,10 @@ def microbatch_step(model, params, state, momentum, images, labels, lr, cfg: SAM
     Each micro-batch perturbs with its own gradient (m-sharpness, as the paper's replicas
     do), or, with ``cfg.sync_perturbations``, all of them with one perturbation from the
     mean gradient of every micro-batch of every replica: gradient accumulation done right
-    for SAM. The SAM gradients are averaged in micro-batch order,
-    and the BN running statistics are the mean of each micro-batch's update from the
-    step's starting state (what averaging replicas' states gives). BN normalises with each
-    micro-batch's own statistics, so m also sets BN's batch size."""
+    for SAM. The SAM gradients are averaged in micro-batch order, and the BN running
+    statistics are the mean of each micro-batch's update from the step's starting state
+    (what averaging replicas' states gives). BN normalises with each micro-batch's own
+    statistics, so m also sets BN's batch size."""
     n = images.shape[0]
     if not isinstance(m, int) or m < 1 or n % m:
         raise ValueError(f"micro-batch size must divide the replica's batch of {n}, got {m!r}")
@@ -129,9 +129,8 @@ def microbatch_step(model, params, state, momentum, images, labels, lr, cfg: SAM
     state = mean_in_rank_order(states)
     grad = mean_in_rank_order(grads)
     params, momentum, grad = descent(params, momentum, grad, lr, cfg, comm, trace)
-    xp_logits = _concat(logits)
-    ce = sum(ces) / len(ces)
-    return params, state, momentum, step_metrics(ce, xp_logits, labels, grad, params)
+    return params, state, momentum, step_metrics(sum(ces) / len(ces), _concat(logits), labels,
+                                                 grad, params)
 
 
 class LookSAM:

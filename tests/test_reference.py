@@ -168,3 +168,9 @@ def test_torch_manifest_missing_field_is_a_clear_error(tmp_path):
         json.dump(m, f)
     with pytest.raises(ValueError, match="lr_per_step.*one value per step"):
         load_case(str(tmp_path / "c.npz"))
+    m["config"]["lr_per_step"] = [0.1, 0.1, 0.1]
+    m["config"]["variant"] = "gsam"
+    with open(tmp_path / "c.json", "w") as f:
+        json.dump(m, f)
+    with pytest.raises(ValueError, match="runs variant 'gsam'"):
+        load_case(str(tmp_path / "c.npz"))
