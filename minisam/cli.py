@@ -1,7 +1,7 @@
 """The ``minisam`` command line: declarations only; the library does the work.
 
 Commands: ``demo`` (SGD vs SAM on noisy digits, offline), ``train``, ``eval``, ``plot``,
-``verify`` (against the JAX and PyTorch reference cases), ``bench``. Each has a ``_<name>_parser``
+``verify`` (against the JAX and PyTorch reference cases), ``bench``, ``experiment``. Each has a ``_<name>_parser``
 that declares its flags and a ``cmd_<name>`` that calls the library. User mistakes print
 one line and exit with status 2. Set MINISAM_DEBUG=1 to see tracebacks.
 
@@ -213,8 +213,52 @@ def _bench_parser(sub):
 
 # ---------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------
+# experiment
+
+def cmd_experiment(args) -> int:
+    from .experiments import run
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.rho <= 0:
+        raise UserError(f"--rho must be > 0 (SAM's radius), got {args.rho}")
+    out = args.out or os.path.join("runs", f"experiment-{args.name}")
+    rec = run(args.name, out, quick=args.quick, rho=args.rho, batch_norm=args.batch_norm,
+              epochs=args.epochs, device=args.device, seed=args.seed,
+              progress=not args.no_progress)
+    print(f"{args.name}: {rec['seconds']:.0f} s; wrote {os.path.join(out, args.name + '.json')} "
+          f"and {rec['png']}")
+    return 0
+
+
+def _experiment_parser(sub):
+    from .experiments import EXPERIMENTS
+    e = sub.add_parser(
+        "experiment", help="one of the SAM paper's experiments in miniature, with its figure",
+        description="Run an experiment of the SAM paper in miniature on the embedded digits "
+                    "and write NAME.json (every number it plots) and NAME.png. hessian: SGD "
+                    "and SAM from the same start, the top 5 Hessian eigenvalues (Lanczos) after "
+                    "every epoch, lambda_max and lambda_max / lambda_5 (sec. 4.2, Fig. 3 left).")
+    e.add_argument("name", choices=EXPERIMENTS, help="the experiment")
+    e.add_argument("--out", metavar="DIR", help="where the JSON and PNG go (default "
+                   "runs/experiment-NAME)")
+    e.add_argument("--quick", action="store_true",
+                   help="a smaller model, image size and budget: seconds, for tests")
+    e.add_argument("--epochs", type=int, help="training epochs (default: the experiment's)")
+    e.add_argument("--rho", type=float, default=0.05, help="SAM's rho (default 0.05)")
+    e.add_argument("--batch-norm", action="store_true",
+                   help="hessian: the WideResnet with batch norm (default: without, as the "
+                        "paper measured it)")
+    e.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="train on the CPU or a GPU (the Hessian is measured on the CPU, in "
+                        "float64); default cpu")
+    e.add_argument("--seed", type=int, default=0, help="default 0")
+    e.add_argument("--no-progress", action="store_true", help="no per-epoch lines")
+    return e, cmd_experiment
+
+
 COMMANDS = (_demo_parser, _train_parser, _eval_parser, _plot_parser, _verify_parser,
-            _bench_parser)
+            _bench_parser, _experiment_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

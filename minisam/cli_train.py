@@ -152,6 +152,9 @@ def train_parser(sub):
                    help="WideResnet wrn<depth>_<width>, depth = 6n+4, e.g. wrn28_10, wrn16_8, "
                         f"wrn10_2 (default: {DEFAULTS['model']}, the JAX default; "
                         f"{SMALL_DATASET_MODEL} for digits and synthetic)")
+    g.add_argument("--no-batch-norm", dest="batch_norm", action="store_const", const=False,
+                   help="the WideResnet without batch norm (an identity where each BN was), as "
+                        "the SAM paper measured its Hessian")
     g = opt = t.add_argument_group("optimisation")
     g.add_argument("--rho", type=float, help="SAM neighbourhood radius; 0 trains with plain SGD "
                    f"(Nesterov momentum) {_default('rho')}")

@@ -37,6 +37,7 @@ class TrainConfig:
     image_size: int | None = None      # digits only (default 16)
     validation: bool = False           # evaluate on the last 10% of train instead of test
     model: str = "wrn28_10"
+    batch_norm: bool = True            # False: the BN-free WideResnet (identity for each BN)
     epochs: int = 200
     batch_size: int = 128              # global batch, split evenly over replicas
     lr: float = 0.1
@@ -113,7 +114,7 @@ class TrainConfig:
         if self.tf32 is not False and (self.tf32 is not True or self.device != "gpu"):
             raise ValueError(f"tf32 must be True or False and needs device 'gpu' (NumPy has no "
                              f"TF32), got tf32={self.tf32!r} with device {self.device!r}")
-        for name in ("validation", "flip"):
+        for name in ("validation", "flip", "batch_norm"):
             v = getattr(self, name)
             if not (isinstance(v, bool) or (name == "flip" and v is None)):
                 bad(name, "True or False" + (" or None" if name == "flip" else ""))

@@ -59,7 +59,8 @@ def model_from_checkpoint(ckpt, num_classes: int, in_channels: int):
     and averaged BN state: what ``minisam eval`` evaluates."""
     from .models import wide_resnet
     cfg = ckpt.config
-    model = wide_resnet(cfg.model, num_outputs=num_classes, in_channels=in_channels, seed=cfg.seed)
+    model = wide_resnet(cfg.model, num_outputs=num_classes, in_channels=in_channels,
+                        seed=cfg.seed, batch_norm=cfg.batch_norm)
     model.set_params(ckpt.params)
     model.set_state(ckpt.state)
     return model

@@ -140,3 +140,37 @@ def plot_landscape_2d(surface: dict, out: str, title: str = "2-D loss surface",
     ax.plot([0], [0], "r+", ms=10)
     ax.set(xlabel="alpha (direction 1)", ylabel="beta (direction 2)", title=title)
     return _save(fig, out)
+
+
+def plot_hessian(record: dict, out: str) -> str:
+    """``experiments.hessian``'s record: lambda_max and lambda_max / lambda_5 after every
+    epoch, SGD against SAM, and the top of the spectrum at the end (the paper's Fig. 3 left)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = {"SGD": "tab:blue", "SAM": "tab:red"}
+    for name, run in record["runs"].items():
+        rows = run["epochs"]
+        ep = [r["epoch"] for r in rows]
+        label = name if not run["rho"] else f"{name} (rho {run['rho']:g})"
+        axes[0].plot(ep, [r["eigenvalues"][0] for r in rows], "o-", color=colors[name],
+                     label=label)
+        axes[1].plot(ep, [r["lambda_max_over_lambda_5"] for r in rows], "o-",
+                     color=colors[name], label=label)
+        top = rows[-1]["eigenvalues"]
+        axes[2].plot(range(1, len(top) + 1), top, "o-", color=colors[name],
+                     label=f"{label}, epoch {rows[-1]['epoch']}")
+    axes[0].set(title="top Hessian eigenvalue", xlabel="epoch", ylabel="lambda_max")
+    axes[1].set(title="lambda_max / lambda_5", xlabel="epoch", ylabel="ratio")
+    axes[2].set(title="top of the spectrum, end of training", xlabel="eigenvalue index i",
+                ylabel="lambda_i")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    bn = "with batch norm" if record["batch_norm"] else "without batch norm"
+    st = record["settings"]
+    fig.suptitle(f"Hessian of the training loss, {st['model']} {bn} on digits "
+                 f"({record['runs']['SGD']['epochs'][0]['hvps']} Lanczos steps on "
+                 f"{st['examples']} training images, float64)" + (" [quick]" if record["quick"]
+                                                                   else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)

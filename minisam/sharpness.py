@@ -95,6 +95,46 @@ class BatchLoss:
 
     __call__ = value
 
+    def hvp(self, params, h: float | None = None):
+        """``v -> H v`` at ``params``: central differences of the gradient with every ReLU's
+        mask fixed at ``params`` (per batch), so no ReLU input crosses zero between w - hv
+        and w + hv. That is the Hessian autodiff gives a ReLU net (ReLU'' taken as 0); plain
+        differences of the gradient (``hessian_vector_product``) add a jump / h for every
+        input that crosses, which on a trained net can swamp the top eigenvalues."""
+        from .nn import ReLU
+        params = self._cast(params)
+        h = default_step(params) if h is None else h
+        relus = [layer for _, layer in self.model.named_layers() if isinstance(layer, ReLU)]
+        masks = []
+        self.model.set_params(params)
+        for x, _, _ in self.batches:           # the masks at w, batch by batch
+            self.model.set_state(self.state)
+            self.model.forward(x, train=True)
+            masks.append([r.mask for r in relus])
+        self.model.set_state(self.state)
+
+        def product(v):
+            v = self._cast(v)
+            total = None
+            for (x, _, onehot), mask in zip(self.batches, masks):
+                for r, m in zip(relus, mask):
+                    r.fixed = m
+                try:
+                    g = []
+                    for sign in (1.0, -1.0):
+                        self.model.set_state(self.state)
+                        g.append(loss_and_grad(self.model, axpy(sign * h, v, params), x,
+                                               onehot, self.cfg)[3])
+                finally:
+                    for r in relus:
+                        r.fixed = None
+                hv = {k: (g[0][k] - g[1][k]) / (2 * h) for k in g[0]}
+                total = hv if total is None else {k: total[k] + hv[k] for k in hv}
+            self.model.set_state(self.state)
+            self.evaluations += 4 * len(self.batches)
+            return {k: t / len(self.batches) for k, t in total.items()}
+        return product
+
 
 # ---------------------------------------------------------------------------------------
 # Hessian
@@ -187,7 +227,7 @@ class Spectrum:
 
 
 def lanczos(grad_fn, params: dict, *, k: int = 5, iters: int = 30, h: float | None = None,
-            seed: int = 0) -> Spectrum:
+            seed: int = 0, hvp=None) -> Spectrum:
     """The top ``k`` eigenvalues of the Hessian at ``params`` by the Lanczos method.
 
     From a seeded unit v_1, m steps build an orthonormal basis V of the Krylov space
@@ -200,7 +240,8 @@ def lanczos(grad_fn, params: dict, *, k: int = 5, iters: int = 30, h: float | No
     the operator (s_i its eigenvector of T), a bound that holds for exact HVPs; the finite
     differences add their own error (``top_hessian_eigenvalue`` on ``h``).
 
-    ``grad_fn`` and ``h`` as in ``top_hessian_eigenvalue`` (default ``default_step``)."""
+    ``grad_fn`` and ``h`` as in ``top_hessian_eigenvalue`` (default ``default_step``), or
+    ``hvp``, a function v -> Hv (e.g. ``BatchLoss.hvp(params)``), instead of both."""
     if not (isinstance(k, int) and k >= 1 and isinstance(iters, int) and iters >= k):
         raise ValueError(f"lanczos needs integers k >= 1 and iters >= k, got k={k!r}, "
                          f"iters={iters!r}")
@@ -208,7 +249,7 @@ def lanczos(grad_fn, params: dict, *, k: int = 5, iters: int = 30, h: float | No
     basis, alphas, betas = [_random_unit(params, seed)], [], []
     for j in range(iters):
         v = basis[-1]
-        w = hessian_vector_product(grad_fn, params, v, h)
+        w = hvp(v) if hvp is not None else hessian_vector_product(grad_fn, params, v, h)
         alphas.append(dot(w, v))
         for _ in range(2):          # full reorthogonalisation (the three-term recurrence too)
             for u in basis:

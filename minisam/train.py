@@ -180,7 +180,8 @@ class Trainer:
                          for _ in self.replicas.ranks]
 
         self.models = [wide_resnet(config.model, num_outputs=train.num_classes,
-                                   in_channels=train.image_shape[-1], seed=config.seed)
+                                   in_channels=train.image_shape[-1], seed=config.seed,
+                                   batch_norm=config.batch_norm)
                        for _ in self.replicas.ranks]
         self.params = tree_to_device(self.models[0].get_params(), config.device)
         self.states = [tree_to_device(self.models[0].get_state(), config.device)

@@ -7,9 +7,10 @@ from minisam.nn import one_hot, softmax_cross_entropy
 from tests.gradcheck import directional_check
 
 
-def test_small_wrn_gradient_check_float64():
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_small_wrn_gradient_check_float64(batch_norm):
     rng = np.random.default_rng(0)
-    model = WideResnet(1, 1, num_outputs=3, in_channels=2, seed=1)
+    model = WideResnet(1, 1, num_outputs=3, in_channels=2, seed=1, batch_norm=batch_norm)
     params = {k: v.astype(np.float64) + 0.1 * rng.standard_normal(v.shape)
               for k, v in model.get_params().items()}
     state = {k: v.astype(np.float64) for k, v in model.get_state().items()}
@@ -82,3 +83,13 @@ def test_bad_input_raises_clear_errors():
     params["init_conv/kernel"] = np.zeros((3, 3, 3, 8), np.float32)
     with pytest.raises(ValueError, match=r"expected shape \(3, 3, 3, 16\)"):
         model.set_params(params)
+
+
+def test_the_bn_free_wide_resnet_has_no_bn_parameters_or_state():
+    """The SAM paper's Hessian network (sec. 4.2): every BatchNorm replaced by an identity."""
+    with_bn, without = WideResnet(1, 2, 10), WideResnet(1, 2, 10, batch_norm=False)
+    bn_keys = {k for k in with_bn.get_params() if "bn" in k.split("/")[-2]}
+    assert bn_keys and set(without.get_params()) == set(with_bn.get_params()) - bn_keys
+    assert without.get_state() == {} and without.config["batch_norm"] is False
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    assert without.forward(x).shape == (2, 10)

@@ -224,3 +224,35 @@ def test_lanczos_against_the_dense_hessian_of_a_tiny_wide_resnet_in_a_subspace()
     spec = lanczos(grad_z, {"z": np.zeros(k)}, k=3, iters=k, h=1e-6)
     want = np.sort(np.linalg.eigvalsh(dense))[::-1][:3]
     np.testing.assert_allclose(spec.values, want, rtol=3e-3, atol=3e-4 * np.abs(want).max())
+
+
+def test_relu_with_a_fixed_mask_uses_it():
+    from minisam.nn import ReLU
+    r = ReLU()
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]])
+    r.fixed = np.array([[True, False, False, True]])
+    np.testing.assert_array_equal(r.forward(x), [[-1.0, 0.0, 0.0, 4.0]])
+    np.testing.assert_array_equal(r.backward(np.ones_like(x)), r.fixed * 1.0)
+    r.fixed = None
+    np.testing.assert_array_equal(r.forward(x), [[0.0, 2.0, 0.0, 4.0]])
+
+
+def test_masked_hvp_is_the_plain_one_without_crossings_and_does_not_depend_on_the_step():
+    """BatchLoss.hvp holds every ReLU mask at w: with a step too small for any ReLU input
+    to cross zero it is the plain central difference, and it stays the same (to the
+    O(h^2) of a smooth function) for steps 10^4 times larger, where plain differences
+    pick up crossing jumps larger than Hv itself."""
+    model, w0, state, x, y = tiny()
+    f = BatchLoss(model, state, x, y, dtype=np.float64)
+    rng = np.random.default_rng(5)
+    v = {k: rng.standard_normal(p.shape) for k, p in w0.items()}
+    n = float(global_norm(v))
+    v = {k: t / n for k, t in v.items()}
+    small = f.hvp(w0, 1e-7)(v)
+    plain = hessian_vector_product(f.grad, w0, v, 1e-7)
+    scale = np.abs(flatten(plain)).max()
+    np.testing.assert_allclose(flatten(small), flatten(plain), atol=1e-5 * scale)
+    large = f.hvp(w0, 1e-3)(v)
+    np.testing.assert_allclose(flatten(large), flatten(small), atol=1e-5 * scale)
+    jumpy = hessian_vector_product(f.grad, w0, v, 1e-3)
+    assert np.abs(flatten(jumpy) - flatten(small)).max() > scale   # a crossing jump

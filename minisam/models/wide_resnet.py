@@ -11,7 +11,12 @@ import re
 import numpy as np
 
 from ..backend import get_xp
-from ..nn import BatchNorm, Conv, Dense, GlobalAvgPool, Layer, ReLU, Shortcut
+from ..nn import BatchNorm, Conv, Dense, GlobalAvgPool, Identity, Layer, ReLU, Shortcut
+
+
+def _norm(channels, batch_norm):
+    """BatchNorm, or an Identity for the BN-free WideResnet (no parameters, no state)."""
+    return BatchNorm(channels) if batch_norm else Identity()
 
 
 class WideResnetBlock(Layer):
@@ -22,14 +27,15 @@ class WideResnetBlock(Layer):
     the shortcut carries the activated input; otherwise it carries the raw input.
     """
 
-    def __init__(self, in_channels, channels, stride=1, activate_before_residual=False, rng=None):
+    def __init__(self, in_channels, channels, stride=1, activate_before_residual=False, rng=None,
+                 batch_norm=True):
         super().__init__()
         self.activate_before_residual = activate_before_residual
         self.children = {
-            "init_bn": BatchNorm(in_channels),
+            "init_bn": _norm(in_channels, batch_norm),
             "relu1": ReLU(),
             "conv1": Conv(in_channels, channels, 3, stride, rng),
-            "bn_2": BatchNorm(channels),
+            "bn_2": _norm(channels, batch_norm),
             "relu2": ReLU(),
             "conv2": Conv(channels, channels, 3, 1, rng),
         }
@@ -74,12 +80,12 @@ class WideResnetGroup(Layer):
     """``blocks_per_group`` blocks; only the first one strides (and may activate first)."""
 
     def __init__(self, in_channels, blocks_per_group, channels, stride=1,
-                 activate_before_residual=False, rng=None):
+                 activate_before_residual=False, rng=None, batch_norm=True):
         super().__init__()
         for i in range(blocks_per_group):
             self.children[f"WideResnetBlock_{i}"] = WideResnetBlock(
                 in_channels if i == 0 else channels, channels, stride if i == 0 else 1,
-                activate_before_residual and i == 0, rng)
+                activate_before_residual and i == 0, rng, batch_norm)
 
     def forward(self, x, train=True):
         for block in self.children.values():
@@ -97,10 +103,12 @@ class WideResnet(Layer):
 
     init_conv (16 channels) -> groups of 16k, 32k, 64k channels (strides 1, 2, 2) ->
     pre-pool-bn + ReLU -> global average pool -> Dense_3 (flax's auto-name for the head).
+    ``batch_norm=False`` puts an ``Identity`` where every BatchNorm was (the same names,
+    no BN parameters or state): the BN-free network of the SAM paper's Hessian (sec. 4.2).
     """
 
     def __init__(self, blocks_per_group, channel_multiplier, num_outputs=10, in_channels=3,
-                 seed=0):
+                 seed=0, batch_norm=True):
         super().__init__()
         for name, v in (("blocks_per_group", blocks_per_group),
                         ("channel_multiplier", channel_multiplier), ("num_outputs", num_outputs),
@@ -109,16 +117,18 @@ class WideResnet(Layer):
                 raise ValueError(f"WideResnet {name} must be a positive integer, got {v!r}")
         self.config = dict(blocks_per_group=int(blocks_per_group),
                            channel_multiplier=int(channel_multiplier),
-                           num_outputs=int(num_outputs), in_channels=int(in_channels))
+                           num_outputs=int(num_outputs), in_channels=int(in_channels),
+                           batch_norm=bool(batch_norm))
         rng = np.random.default_rng(seed)
         k = channel_multiplier
         self.children["init_conv"] = Conv(in_channels, 16, 3, 1, rng)
         widths, strides, cin = (16 * k, 32 * k, 64 * k), (1, 2, 2), 16
         for g, (w, s) in enumerate(zip(widths, strides)):
             self.children[f"WideResnetGroup_{g}"] = WideResnetGroup(
-                cin, blocks_per_group, w, s, activate_before_residual=(g == 0), rng=rng)
+                cin, blocks_per_group, w, s, activate_before_residual=(g == 0), rng=rng,
+                batch_norm=batch_norm)
             cin = w
-        self.children["pre-pool-bn"] = BatchNorm(cin)
+        self.children["pre-pool-bn"] = _norm(cin, batch_norm)
         self.children["relu"] = ReLU()
         self.children["pool"] = GlobalAvgPool()
         self.children["Dense_3"] = Dense(cin, num_outputs, rng)
@@ -161,7 +171,8 @@ def parse_wrn_name(name: str):
                      "'wrn<depth>_<width>' with depth = 6*n + 4 (10, 16, 22, 28, ...)")
 
 
-def wide_resnet(name: str, num_outputs=10, in_channels=3, seed=0) -> WideResnet:
-    """Build a WideResnet from a preset name such as 'wrn28_10' (WRN-28-10)."""
+def wide_resnet(name: str, num_outputs=10, in_channels=3, seed=0, batch_norm=True) -> WideResnet:
+    """Build a WideResnet from a preset name such as 'wrn28_10' (WRN-28-10); without batch
+    norm (``batch_norm=False``) as the SAM paper measured its Hessian (sec. 4.2)."""
     return WideResnet(*parse_wrn_name(name), num_outputs=num_outputs, in_channels=in_channels,
-                      seed=seed)
+                      seed=seed, batch_norm=batch_norm)

@@ -1,0 +1,17 @@
+"""The SAM paper's experiments in miniature, one module each, run by ``minisam experiment NAME``.
+
+Each ``run(out_dir, quick=..., ...)`` trains what it needs, measures, writes
+``NAME.json`` (every number it plots) and ``NAME.png`` into ``out_dir``, and returns the
+record. ``quick`` is the setting the tests use (seconds, not minutes).
+"""
+from __future__ import annotations
+
+EXPERIMENTS = ("hessian",)
+
+
+def run(name: str, out_dir: str, **kwargs) -> dict:
+    """Run experiment ``name`` (one of ``EXPERIMENTS``)."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")
+    from . import hessian
+    return {"hessian": hessian.run}[name](out_dir, **kwargs)

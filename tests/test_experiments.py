@@ -1,0 +1,58 @@
+"""``minisam experiment``: each runs in its quick setting, writes its JSON and PNG, and the
+numbers in the JSON are the measurements (checked against the library directly)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from minisam.cli import main
+
+
+def test_hessian_quick_writes_its_figure_and_every_number(tmp_path, capsys):
+    out = str(tmp_path / "h")
+    assert main(["experiment", "hessian", "--quick", "--out", out, "--no-progress"]) == 0
+    assert "hessian:" in capsys.readouterr().out
+    with open(os.path.join(out, "hessian.json")) as f:
+        rec = json.load(f)
+    assert os.path.getsize(os.path.join(out, "hessian.png")) > 10_000
+    assert set(rec["runs"]) == {"SGD", "SAM"} and rec["batch_norm"] is False
+    for run in rec["runs"].values():
+        assert [r["epoch"] for r in run["epochs"]] == [1, 2]
+        for r in run["epochs"]:
+            lam = r["eigenvalues"]
+            assert len(lam) == 5 and lam == sorted(lam, reverse=True) and lam[0] > 0
+            if lam[4] > 0:      # early in training the 5th may be negative: no ratio then
+                assert r["lambda_max_over_lambda_5"] == pytest.approx(lam[0] / lam[4])
+            else:
+                assert np.isnan(r["lambda_max_over_lambda_5"])
+    assert rec["runs"]["SAM"]["rho"] == 0.05 and rec["runs"]["SGD"]["rho"] == 0.0
+    assert "about 24" in rec["paper"]
+
+
+def test_hessian_measure_is_lanczos_on_the_masked_hvp(tmp_path):
+    """The experiment's numbers are sharpness.lanczos of BatchLoss.hvp at the trained weights."""
+    from minisam.config import TrainConfig
+    from minisam.experiments.hessian import measure
+    from minisam.sharpness import BatchLoss, lanczos
+    from minisam.train import Trainer
+    cfg = TrainConfig(dataset="digits", image_size=8, model="wrn10_1", epochs=1, batch_size=64,
+                      batch_norm=False)
+    t = Trainer(cfg, None, progress=False)
+    t.fit()
+    got = measure(t, examples=16, iters=6)
+    params = {k: np.asarray(v, np.float64) for k, v in t.params.items()}
+    f = BatchLoss(t.models[0], {}, t.train_data.images[:16], t.train_data.labels[:16],
+                  dtype=np.float64)
+    want = lanczos(None, params, k=5, iters=6, hvp=f.hvp(params))
+    np.testing.assert_allclose(got["eigenvalues"], want.values, rtol=1e-10)
+
+
+def test_bad_experiment_arguments_are_one_line(capsys):
+    assert main(["experiment", "hessian", "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert main(["experiment", "hessian", "--rho", "0"]) == 2
+    assert "--rho must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["experiment", "m-sharpness"])
+    assert "invalid choice" in capsys.readouterr().err
