@@ -237,15 +237,19 @@ def _experiment_parser(sub):
         "experiment", help="one of the SAM paper's experiments in miniature, with its figure",
         description="Run an experiment of the SAM paper in miniature on the embedded digits "
                     "and write NAME.json (every number it plots) and NAME.png. hessian: SGD "
-                    "and SAM from the same start, the top 5 Hessian eigenvalues (Lanczos) after "
-                    "every epoch, lambda_max and lambda_max / lambda_5 (sec. 4.2, Fig. 3 left).")
+                    "and SAM from the same start, the top 5 Hessian eigenvalues (Lanczos) every "
+                    "2 epochs, lambda_max and lambda_max / lambda_5 (sec. 4.2, Fig. 3 left). "
+                    "m-sharpness: m-SAM on a grid of m and rho, test error against rho, and the "
+                    "rank correlation of each m-sharpness (first-order and projected ascent) "
+                    "with the generalisation gap (sec. 4.1, Fig. 3 middle and right).")
     e.add_argument("name", choices=EXPERIMENTS, help="the experiment")
     e.add_argument("--out", metavar="DIR", help="where the JSON and PNG go (default "
                    "runs/experiment-NAME)")
     e.add_argument("--quick", action="store_true",
                    help="a smaller model, image size and budget: seconds, for tests")
     e.add_argument("--epochs", type=int, help="training epochs (default: the experiment's)")
-    e.add_argument("--rho", type=float, default=0.05, help="SAM's rho (default 0.05)")
+    e.add_argument("--rho", type=float, default=0.05,
+                   help="hessian: SAM's rho (default 0.05); m-sharpness trains a grid of rho")
     e.add_argument("--batch-norm", action="store_true",
                    help="hessian: the WideResnet with batch norm (default: without, as the "
                         "paper measured it)")

@@ -174,3 +174,42 @@ def plot_hessian(record: dict, out: str) -> str:
                                                                    else ""), fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def plot_m_sharpness(record: dict, out: str) -> str:
+    """``experiments.msharpness``'s record: test error against rho for each training m, and
+    the rank correlation of each measured m-sharpness with the generalisation gap (the
+    paper's Fig. 3 middle and right)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    st = record["settings"]
+    def mean_error(rows):
+        return 100 * sum(r["test_error_rate"] for r in rows) / len(rows)
+    sgd = mean_error([r for r in record["models"] if r["rho"] == 0])
+    for m in st["ms"]:
+        rhos = sorted({r["rho"] for r in record["models"] if r["train_m"] == m})
+        errs = [mean_error([r for r in record["models"] if r["train_m"] == m and r["rho"] == rho])
+                for rho in rhos]
+        axes[0].plot([0.0] + rhos, [sgd] + errs, "o-", label=f"m = {m}")
+    n_seeds = len(st.get("seeds", (0,)))
+    axes[0].set(title="test error after training with m-SAM"
+                + (f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""), xlabel="rho",
+                ylabel="test error (%)")
+    for steps, style in ((1, "o-"), (st["ascent_steps"], "s--")):
+        corr = [record["spearman_vs_gap"][f"m={m},steps={steps}"] for m in st["ms"]]
+        label = ("first-order (one ascent step)" if steps == 1 else
+                 f"projected ascent ({steps} steps)")
+        axes[1].plot(st["ms"], corr, style, label=label)
+    axes[1].set(title="m-sharpness vs generalisation gap", xlabel="m (examples per perturbation)",
+                ylabel="Spearman rank correlation", xscale="log")
+    axes[1].minorticks_off()
+    axes[1].set_xticks(st["ms"], [str(m) for m in st["ms"]])
+    axes[1].axhline(0, color="gray", lw=0.8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"m-sharpness, {st['model']} on {st['image_size']}x{st['image_size']} digits, "
+                 f"{len(record['models'])} models, {st['epochs']} epochs each"
+                 + (" [quick]" if record["quick"] else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -54,5 +54,32 @@ def test_bad_experiment_arguments_are_one_line(capsys):
     assert main(["experiment", "hessian", "--rho", "0"]) == 2
     assert "--rho must be > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["experiment", "m-sharpness"])
+        main(["experiment", "label-noise"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_m_sharpness_quick_writes_its_figure_and_every_number(tmp_path):
+    from minisam.experiments.msharpness import QUICK
+    out = str(tmp_path / "m")
+    assert main(["experiment", "m-sharpness", "--quick", "--out", out, "--no-progress"]) == 0
+    with open(os.path.join(out, "m-sharpness.json")) as f:
+        rec = json.load(f)
+    assert os.path.getsize(os.path.join(out, "m-sharpness.png")) > 10_000
+    # one SGD model (rho 0 does not depend on m) and one per (m, rho > 0)
+    assert len(rec["models"]) == 1 + len(QUICK["ms"]) * (len(QUICK["rhos"]) - 1)
+    keys = {f"m={m},steps={k}" for m in QUICK["ms"] for k in (1, QUICK["ascent_steps"])}
+    assert set(rec["spearman_vs_gap"]) == keys
+    for r in rec["models"]:
+        assert r["gap"] == pytest.approx(r["test_error_rate"] - r["train_error_rate"])
+        for m in QUICK["ms"]:   # projected ascent never finds less than the first step
+            assert r["m_sharpness"][f"m={m},steps={QUICK['ascent_steps']}"] >= \
+                r["m_sharpness"][f"m={m},steps=1"] - 1e-12
+
+
+def test_spearman_rank_correlation():
+    from minisam.experiments.msharpness import spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1.0)   # ranks only
+    # ties get their mean rank: ranks (1.5, 1.5, 3) against (1, 2, 3) -> r = sqrt(3)/2
+    assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2)
