@@ -25,14 +25,9 @@ from .distributed.local import LocalComm
 from .nn.loss import one_hot
 from .sam import (SAMConfig, descent, loss_and_grad, perturbation, sam_gradient, step_metrics,
                   train_step)
-from .tree import global_norm, mean_in_rank_order
+from .tree import global_norm, inner, mean_in_rank_order
 
 VARIANTS = ("sam", "gsam", "looksam")     # what ``minisam train --sam-variant`` runs
-
-
-def inner(a: dict, b: dict):
-    """<a, b> over a tree, left on the device (``tree.dot`` would sync with the host)."""
-    return sum((a[k] * b[k]).sum() for k in a)
 
 
 def gsam_rho(lr: float, lr_max: float, rho_max: float, rho_min: float, lr_min: float = 0.0):
@@ -76,7 +71,8 @@ def looksam_step(model, params, state, momentum, images, labels, lr, cfg: SAMCon
         g_s, state, params, ce, logits = sam_gradient(model, params, state, images, labels,
                                                       cfg, comm, t)
         g = t["grad"]
-        g_v = {key: v - (inner(g_s, g) / inner(g, g)) * g[key] for key, v in g_s.items()}
+        proj = inner(g_s, g) / inner(g, g)          # once, not once per key
+        g_v = {key: v - proj * g[key] for key, v in g_s.items()}
         grad = g_s
     else:
         model.set_state(state)

@@ -50,15 +50,14 @@ def tiny(seed=0, n=8):
     return model, params, model.get_state(), x, y
 
 
-def test_dense_hessian_of_a_tiny_wide_resnet_in_a_subspace():
-    """f(z) = L(w0 + U z) for 5 random orthonormal directions U: its 5x5 Hessian by
-    second differences of the *loss* (no gradient code involved) must match the
-    finite-difference HVPs of the gradient, and power iteration must find its top
-    eigenvalue."""
+def subspace_hessian(k, seed):
+    """f(z) = L(w0 + U z) on a tiny WideResnet for k random orthonormal directions U: its
+    dense k x k Hessian by second differences of the *loss* (no gradient code involved),
+    and grad_z, f's gradient by the chain rule through the hand-written gradient."""
     model, w0, state, x, y = tiny()
     f = BatchLoss(model, state, x, y, weight_decay=1e-3, dtype=np.float64)
-    keys, k = sorted(w0), 5
-    rng = np.random.default_rng(3)
+    keys = sorted(w0)
+    rng = np.random.default_rng(seed)
     u, _ = np.linalg.qr(rng.standard_normal((flatten(w0).size, k)))
     sizes = [w0[key].size for key in keys]
     offsets = np.cumsum([0] + sizes)
@@ -83,6 +82,14 @@ def test_dense_hessian_of_a_tiny_wide_resnet_in_a_subspace():
     def grad_z(p):  # chain rule: df/dz = U^T g(w0 + U z)
         _, g = f.grad(point(p["z"]))
         return {"z": u.T @ flatten(g)}
+    return dense, grad_z
+
+
+def test_dense_hessian_of_a_tiny_wide_resnet_in_a_subspace():
+    """In 5 random directions: the dense subspace Hessian must match the finite-difference
+    HVPs of the gradient, and power iteration must find its top eigenvalue."""
+    k = 5
+    dense, grad_z = subspace_hessian(k, seed=3)
     z0 = {"z": np.zeros(k)}
     hv_cols = np.stack([hessian_vector_product(grad_z, z0, {"z": np.eye(k)[i]}, 1e-6)["z"]
                         for i in range(k)], axis=1)
@@ -193,34 +200,11 @@ def test_lanczos_finds_the_top_of_a_known_spectrum():
 
 
 def test_lanczos_against_the_dense_hessian_of_a_tiny_wide_resnet_in_a_subspace():
-    """The same 8-dimensional subspace Hessian as above (second differences of the loss):
-    Lanczos on the finite-difference HVPs of the hand-written gradient finds its top 3."""
+    """The same kind of subspace Hessian, in 8 directions: Lanczos on the finite-difference
+    HVPs of the hand-written gradient finds its top 3."""
     from minisam.sharpness import lanczos
-    model, w0, state, x, y = tiny()
-    f = BatchLoss(model, state, x, y, weight_decay=1e-3, dtype=np.float64)
-    keys, k = sorted(w0), 8
-    rng = np.random.default_rng(4)
-    u, _ = np.linalg.qr(rng.standard_normal((flatten(w0).size, k)))
-    sizes = [w0[key].size for key in keys]
-    offsets = np.cumsum([0] + sizes)
-
-    def point(z):
-        d = u @ z
-        return {key: w0[key] + d[o:o + s].reshape(w0[key].shape)
-                for key, o, s in zip(keys, offsets[:-1], sizes)}
-    h = 1e-5
-    dense = np.zeros((k, k))
-    eye = np.eye(k) * h
-    loss = lambda z: f.value(point(z))[0]   # noqa: E731
-    for i in range(k):
-        for j in range(i, k):
-            dense[i, j] = dense[j, i] = (
-                loss(eye[i] + eye[j]) - loss(eye[i] - eye[j])
-                - loss(-eye[i] + eye[j]) + loss(-eye[i] - eye[j])) / (4 * h * h)
-
-    def grad_z(p):
-        _, g = f.grad(point(p["z"]))
-        return {"z": u.T @ flatten(g)}
+    k = 8
+    dense, grad_z = subspace_hessian(k, seed=4)
     spec = lanczos(grad_z, {"z": np.zeros(k)}, k=3, iters=k, h=1e-6)
     want = np.sort(np.linalg.eigvalsh(dense))[::-1][:3]
     np.testing.assert_allclose(spec.values, want, rtol=3e-3, atol=3e-4 * np.abs(want).max())

@@ -21,16 +21,15 @@ batch statistics, which "tends to obscure interpretation of the Hessian" (the pa
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
-from ..backend import to_numpy
 from ..config import TrainConfig
 from ..sharpness import BatchLoss, lanczos
 from ..train import Trainer
+from .common import float64_weights, save
 
 FULL = dict(epochs=10, batch_size=32, lr=0.1, image_size=16, model="wrn10_2", examples=128,
             iters=20, every=2)
@@ -43,8 +42,7 @@ def measure(trainer: Trainer, examples: int, iters: int, seed: int = 0) -> dict:
     """The top ``K`` eigenvalues of the trainer's current training-loss Hessian."""
     data = trainer.train_data
     model = trainer.models[0]
-    params = {k: to_numpy(v).astype(np.float64) for k, v in trainer.params.items()}
-    state = {k: to_numpy(v).astype(np.float64) for k, v in trainer.eval_state().items()}
+    params, state = float64_weights(trainer)
     f = BatchLoss(model, state, data.images[:examples], data.labels[:examples],
                   dtype=np.float64)
     spec = lanczos(None, params, k=K, iters=iters, seed=seed, hvp=f.hvp(params))
@@ -95,8 +93,5 @@ def run(out_dir: str, *, quick: bool = False, rho: float = 0.05, batch_norm: boo
               "paper": "WRN-40-10 without BN on CIFAR-10 (Foret et al. 2021, sec. 4.2, Fig. 3 "
                        "left): lambda_max about 24 with SGD and 1.0 with SAM, lambda_max / "
                        "lambda_5 up to 11.4 and 2.6"}
-    with open(os.path.join(out_dir, "hessian.json"), "w") as fjson:
-        json.dump(record, fjson, indent=1)
     from ..plots import plot_hessian
-    record["png"] = plot_hessian(record, os.path.join(out_dir, "hessian.png"))
-    return record
+    return save(out_dir, record, plot_hessian)

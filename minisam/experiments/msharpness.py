@@ -18,17 +18,16 @@ batches of m.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
-from ..backend import to_numpy
 from ..config import TrainConfig
 from ..evaluate import evaluate
 from ..sharpness import m_sharpness
 from ..train import Trainer
+from .common import float64_weights, save
 
 FULL = dict(ms=(4, 16, 64), rhos=(0.0, 0.05, 0.1, 0.2), seeds=(0, 1), epochs=6,
             batch_size=64, image_size=8, model="wrn10_1", examples=256, ascent_steps=5,
@@ -74,8 +73,7 @@ def run(out_dir: str, *, quick: bool = False, epochs: int | None = None, device:
         train = evaluate(t.replicas, t.models, t.params, t.eval_state(), t.clean_train,
                          256, 0.0, device)
         test = t.last_record
-        params = {k: to_numpy(v).astype(np.float64) for k, v in t.params.items()}
-        state = {k: to_numpy(v).astype(np.float64) for k, v in t.eval_state().items()}
+        params, state = float64_weights(t)
         x, y = t.clean_train.images[:s["examples"]], t.clean_train.labels[:s["examples"]]
         sharp = {}
         for mm in s["ms"]:
@@ -101,8 +99,5 @@ def run(out_dir: str, *, quick: bool = False, epochs: int | None = None, device:
               "paper": "Foret et al. 2021, sec. 4.1, Fig. 3 middle and right: smaller m trains "
                        "to lower test error, and m-sharpness predicts the generalisation gap "
                        "better (higher rank correlation) for smaller m"}
-    with open(os.path.join(out_dir, "m-sharpness.json"), "w") as f:
-        json.dump(record, f, indent=1)
     from ..plots import plot_m_sharpness
-    record["png"] = plot_m_sharpness(record, os.path.join(out_dir, "m-sharpness.png"))
-    return record
+    return save(out_dir, record, plot_m_sharpness)
