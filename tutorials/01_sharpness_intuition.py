@@ -28,10 +28,17 @@
 # 1. a 1-D loss with a **sharp** and a **flat** minimum, and the SAM objective
 #    $\max_{\|\epsilon\|\le\rho} L(w+\epsilon)$ that tells them apart;
 # 2. SAM's first-order answer to the inner maximisation, $\hat\epsilon = \rho\, g/\|g\|$
-#    (eq. 2 of the paper), and how good an approximation it is;
-# 3. why SAM cannot sit at the bottom of a sharp basin;
-# 4. gradient descent and SAM side by side on a 2-D loss with a sharp and a flat basin;
-# 5. the effect of $\rho$.
+#    (eq. 2 of the paper), and how good an approximation it is (Exercise 1: write it);
+# 3. why SAM cannot sit at the bottom of a sharp basin when its step is large;
+# 4. one SAM step drawn on a 2-D loss (the paper's Fig. 2, in miniature; Exercise 2: write
+#    it), then gradient descent and SAM side by side on that loss;
+# 5. the effect of $\rho$, and why the escape from the sharp basin depends on the learning rate;
+# 6. a bridge to real networks: SAM from scratch on a small MLP, in about 30 lines of NumPy.
+#
+# The exercises check themselves: write the function in the cell marked `YOUR CODE HERE`, run
+# the check cell below it (it says "correct", names the first wrong case, or "not attempted
+# yet"), and expand the collapsed solution if you are stuck. Nothing later depends on your
+# answers.
 
 # %%
 import pathlib, sys
@@ -48,6 +55,9 @@ import matplotlib.pyplot as plt
 
 import minisam
 from minisam.sam import dual_vector
+
+sys.path.insert(0, str(ROOT / "tutorials"))
+from grading import check           # grades the exercises
 
 plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3})
 
@@ -139,21 +149,31 @@ fig, ax = plt.subplots(figsize=(8, 4))
 ax.plot(ws[:, 0], loss1d(ws), "k", lw=2, label="$L(w)$")
 for rho, col in [(0.05, "C0"), (0.1, "C1"), (0.2, "C3")]:
     ax.plot(ws[:, 0], sam_objective(loss1d, ws, rho), col, label=rf"$L^{{SAM}}$, $\rho$ = {rho}")
-ax.set(xlabel="$w$", ylabel="loss", ylim=(-0.15, 1.0), title="sharp minimum at $w=-1$, flat minimum at $w=1$")
-ax.legend()
+ax.set(xlabel="$w$", ylabel="loss",
+       ylim=(-0.15, 1.0), title="the loss and the SAM objective: sharp minimum at $w=-1$, flat at $w=1$")
+ax.legend(loc="upper right")
 plt.show()
 
 print(f"{'rho':>5} | {'L^SAM at sharp min':>18} {'L^SAM at flat min':>18} | preferred")
+objective_table = {}
 for rho in [0.0, 0.05, 0.1, 0.2]:
     s = sam_objective(loss1d, np.array([[-1.0]]), rho)[0] if rho else loss1d(np.array([-1.0]))
     f = sam_objective(loss1d, np.array([[1.0]]), rho)[0] if rho else loss1d(np.array([1.0]))
+    objective_table[rho] = (float(s), float(f))
     print(f"{rho:5.2f} | {float(s):18.4f} {float(f):18.4f} | {'sharp' if s < f else 'flat'}")
+
+# where the two bottoms swap rank: m1 + lam1 rho^2 / 2 = m2 + lam2 rho^2 / 2
+rho_cross = np.sqrt(2 * (loss1d.m2 - loss1d.m1) / (loss1d.lam1 - loss1d.lam2))
+print(f"the SAM objective prefers the flat minimum for rho > {rho_cross:.4f}")
+assert objective_table[0.05][0] < objective_table[0.05][1]      # rho = 0.05: still the sharp one
+assert objective_table[0.1][0] > objective_table[0.1][1]        # rho = 0.1: the flat one
 
 # %% [markdown]
 # With $\rho = 0$ the sharp minimum wins (it is deeper). As soon as $\rho$ is large enough that
-# $m_1 + \tfrac12\lambda_1\rho^2 > m_2 + \tfrac12\lambda_2\rho^2$ (here $\rho \gtrsim 0.07$), the
-# SAM objective ranks the flat minimum first: the sharp valley is "filled in" while the flat one
-# barely moves.
+# $m_1 + \tfrac12\lambda_1\rho^2 > m_2 + \tfrac12\lambda_2\rho^2$ (the last line of the cell
+# above prints that threshold), the SAM objective ranks the flat minimum first: the sharp valley
+# is "filled in" while the flat one barely moves. Keep the row $\rho = 0.05$ in mind: there the
+# objective **still prefers the sharp minimum**. Section 6 comes back to it.
 #
 # ## 3. Solving the inner maximisation to first order
 #
@@ -178,9 +198,53 @@ for rho in [0.0, 0.05, 0.1, 0.2]:
 # $$
 #
 # So one SAM step costs two gradients: $g = \nabla L(w)$, then $g_{SAM} = \nabla L(w + \rho g/\|g\|)$,
-# then $w \leftarrow w - \eta\, g_{SAM}$ (Algorithm 1). minisam's `dual_vector` computes
-# $g/\|g\|$ for a whole dictionary of parameter arrays, with the **global** norm over all of them
-# (as if all the arrays were one long vector), exactly like the JAX code:
+# then $w \leftarrow w - \eta\, g_{SAM}$ (Algorithm 1 of the paper). A network's gradient is not
+# one vector but a dictionary of arrays (one per layer's kernel, bias, ...), and the norm in
+# eq. 2 is the **global** one: the norm of all the arrays concatenated into one long vector.
+
+# %% [markdown]
+# ### Exercise 1: the perturbation $\hat\epsilon$ (eq. 2)
+# Write `my_perturbation(g, rho)`: `g` is a dict of NumPy arrays (any shapes), and the function
+# returns the dict $\hat\epsilon = \rho\, g/\|g\|_2$ with the same keys and shapes, where
+# $\|g\|_2 = \sqrt{\sum_{\text{arrays}} \sum_{\text{entries}} g_i^2}$ is the global norm.
+# Hint: one line for the norm (a `sum` over `g.values()`), one dict comprehension. The check
+# compares your answer with $\rho$ times the direction returned by minisam's `dual_vector`, on a
+# 1-D gradient of our toy loss, 2-D gradients, and a dict of two arrays.
+
+# %% tags=["exercise"]
+def my_perturbation(g, rho):
+    # YOUR CODE HERE (two lines)
+    raise NotImplementedError
+
+
+# %%
+def reference_perturbation(g, rho):
+    direction, _ = dual_vector(g)               # minisam: (g / ||g||, ||g||)
+    return {k: rho * v for k, v in direction.items()}
+
+
+rng = np.random.default_rng(1)
+perturbation_cases = [
+    ({"w": loss1d.grad(np.array([-0.8]))}, 0.1),                 # 1-D, uphill is +
+    ({"w": loss1d.grad(np.array([0.3]))}, 0.05),                 # 1-D, uphill is -
+    ({"w": np.array([3.0, -4.0])}, 0.05),                        # 2-D
+    ({"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}, 0.5),  # two arrays: one global norm
+    ({"kernel": rng.normal(size=(3, 3, 2, 4)), "bias": rng.normal(size=4)}, 0.05),
+]
+check("Exercise 1 (perturbation)", my_perturbation, reference_perturbation, perturbation_cases)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# Solution (collapsed: click to expand). Graded by the same check, so it is tested whenever the notebook runs.
+def my_perturbation_solution(g, rho):
+    norm = np.sqrt(sum((v * v).sum() for v in g.values()))       # global norm over every array
+    return {k: rho * v / norm for k, v in g.items()}
+
+
+check("Exercise 1, solution", my_perturbation_solution, reference_perturbation, perturbation_cases)
+
+# %% [markdown]
+# Here is minisam's version. `dual_vector` returns the unit direction $g/\|g\|$ (and the norm);
+# the caller multiplies by $\rho$, exactly like the JAX code:
 
 # %%
 print(inspect.getsource(minisam.optim.global_norm))
@@ -194,10 +258,14 @@ print("dict: ||g|| =", norm, " direction =", direction)
 
 # %% [markdown]
 # How good is the first-order answer? In 1-D, $\hat\epsilon = \rho\,\mathrm{sign}(L'(w))$: always
-# the uphill end of the interval. The exact maximiser $\epsilon^*$ agrees everywhere except near
-# the minima and near the ridge between the basins, where the loss is far from linear on the
-# scale of $\rho$. The right panel compares the SAM gradient $L'(w+\hat\epsilon)$ with the true
-# derivative of $L^{SAM}$ (by finite differences of the brute-force curve).
+# the uphill end of the interval. Near a minimum that is also the exact answer: in a bowl the
+# worst point of $[w-\rho, w+\rho]$ is the end farther from the bottom, which is the uphill end.
+# The two disagree only near the **ridge** between the basins, where the loss is far from linear
+# on the scale of $\rho$: just on the sharp side of the ridge, uphill (towards the ridge) is not
+# where the loss is highest within $\rho$, because the ridge's top lies in between. The cell
+# computes the interval of $w$ where they disagree, and prints it. The right panel compares the
+# SAM gradient $L'(w+\hat\epsilon)$ with the true derivative of $L^{SAM}$ (by finite
+# differences of the brute-force curve).
 
 # %%
 rho = 0.1
@@ -213,14 +281,24 @@ fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
 a.plot(ws[:, 0], exact_eps, "k", lw=3, alpha=0.4, label=r"exact $\epsilon^*$ (grid search)")
 a.plot(ws[:, 0], first_order, "C1", label=r"first order $\hat\epsilon = \rho\, g/|g|$")
 a.set(xlabel="$w$", ylabel=r"$\epsilon$", title=rf"the perturbation, $\rho$ = {rho}")
-a.legend(loc="lower right")
+a.legend(loc="best")
 b.plot(ws[:, 0], loss1d.grad(ws)[:, 0], "0.6", label="$L'(w)$")
 b.plot(ws[:, 0], d_sam, "k", lw=3, alpha=0.4, label=r"$dL^{SAM}/dw$ (exact)")
 b.plot(ws[:, 0], g_sam, "C1", label=r"SAM gradient $L'(w+\hat\epsilon)$")
-b.set(xlabel="$w$", ylim=(-6, 6), title="gradients")
-b.legend(loc="lower right")
+b.set(xlabel="$w$", ylabel="derivative", ylim=(-6, 6), title=r"gradients, $\rho$ = 0.1")
+b.legend(loc="best")
 plt.tight_layout()
 plt.show()
+
+# Where do the exact and the first-order perturbations disagree?
+L1_, L2_, _, _ = loss1d._bowls(ws)
+ridge = ws[np.flatnonzero(np.diff(np.sign(L1_ - L2_)))[-1], 0]      # the crossing between c1 and c2
+disagree = ws[np.abs(exact_eps - first_order) > 1e-9, 0]
+print(f"exact and first-order perturbations differ for w in [{disagree.min():.2f}, {disagree.max():.2f}] "
+      f"({len(disagree)} grid points); the ridge is at w = {ridge:.2f}")
+assert np.all(np.abs(disagree - ridge) < 2 * rho)                # only around the ridge...
+assert np.abs(disagree - loss1d.c1[0]).min() > 1.5 * rho         # ...not at the sharp minimum
+assert np.abs(disagree - loss1d.c2[0]).min() > 1.5 * rho         # nor at the flat one
 
 # %% [markdown]
 # ## 4. Why SAM cannot sit at the bottom of a sharp basin
@@ -240,12 +318,25 @@ plt.show()
 # a = \frac{\eta\lambda\rho}{2 - \eta\lambda}.
 # $$
 #
-# It grows with the curvature and blows up as $\eta\lambda \to 2$. (The 2-cycle is not the only
-# orbit: from some starts SAM wanders inside $|w| \le \eta\lambda\rho \approx 2a$ instead, but
-# the scale is the same.) With $\eta = 0.045$ and $\rho = 0.05$: in the flat bowl
-# ($\lambda = 1$) SAM stays about $0.001$ from the minimum; in the sharp bowl ($\lambda = 40$,
-# $\eta\lambda = 1.8$) it swings $0.45$ away, which in our two-basin loss is already past the
-# ridge into the flat basin.
+# It grows with the curvature and blows up as $\eta\lambda \to 2$: the factor $1/(2-\eta\lambda)$
+# is the discrete step talking, and it is what makes the sharp bowl special here. With
+# $\eta = 0.045$ and $\rho = 0.05$ (the cell below prints the numbers):
+#
+# * in the flat bowl ($\lambda = 1$, $\eta\lambda = 0.045$) the swing $a$ is tiny, about half
+#   of $\eta\lambda\rho$. Once $|w| \le \eta\lambda\rho$ the orbit never leaves that band, and
+#   it closes in on the 2-cycle only slowly: the distance to the cycle shrinks by a factor
+#   $1-\eta\lambda$ per step, hence the spread over the last 20 steps in the first printed line;
+# * in the sharp bowl ($\lambda = 40$, $\eta\lambda = 1.8$) $w$ changes sign at every step, and
+#   $|w_{t+1}| - a = (\eta\lambda - 1)(|w_t| - a)$: from any start $|w|$ goes straight to $a$,
+#   which is five times $\eta\lambda\rho$, far outside the band $|w| \le \eta\lambda\rho$. The
+#   cell checks this from 1000 random starts. That swing is larger than the distance from the
+#   sharp minimum to the ridge of our two-basin loss (printed too), so there SAM is thrown over
+#   the ridge into the flat basin.
+#
+# (For any $0 < \eta\lambda < 2$ every start, except one landing exactly on $w = 0$, ends on this
+# 2-cycle; Bartlett, Long and Bousquet (2023) prove the same for SAM on convex quadratics in any
+# dimension: it converges to a cycle bouncing across the minimum along the direction of largest
+# curvature.)
 
 # %%
 lr, rho, steps = 0.045, 0.05, 120
@@ -258,15 +349,31 @@ for lam, col in [(1.0, "C0"), (40.0, "C3")]:
             e = r * np.sign(g)                  # dual_vector in 1-D
             w = w - lr * lam * (w + e)          # gradient of the bowl at w + e
             path.append(abs(w))
-        label = f"{'SAM' if r else 'GD '} lambda={lam:g}"
+        label = rf"{'SAM' if r else 'GD'}, $\lambda$ = {lam:g}"
         ax.semilogy(path, style, color=col, label=label)
     a = lr * lam * rho / (2 - lr * lam)
-    ax.axhline(a, color=col, lw=0.8, alpha=0.6)
+    ax.axhline(a, color=col, lw=0.8, alpha=0.6, label=rf"predicted swing $a$, $\lambda$ = {lam:g}")
     print(f"lambda = {lam:4g}: predicted 2-cycle amplitude a = {a:.5f}; SAM's |w| over the last 20 steps: "
           f"{min(path[-20:]):.5f} to {max(path[-20:]):.5f}")
-ax.set(xlabel="step", ylabel="|w - minimum|", ylim=(1e-6, 1), title=rf"quadratic bowls, $\eta$ = {lr}, $\rho$ = {rho}")
-ax.legend(ncol=2)
+ax.set(xlabel="step", ylabel="|w - minimum|", ylim=(1e-6, 1),
+       title=rf"GD and SAM in one quadratic bowl, $\eta$ = {lr}, $\rho$ = {rho}, from $w_0$ = 0.5")
+ax.legend(ncol=3, fontsize=8, loc="lower left")
 plt.show()
+
+# From 1000 random starts, long enough for the slow flat bowl too: where does SAM end up?
+w_starts = np.random.default_rng(0).uniform(-1, 1, 1000)
+for lam in [1.0, 40.0]:
+    k, w = lr * lam, w_starts.copy()
+    for _ in range(2000):
+        w = w - k * (w + rho * np.sign(w))
+    a = k * rho / (2 - k)
+    print(f"lambda = {lam:4g}: eta*lambda = {k:.3f}, eta*lambda*rho = {k * rho:.5f}, a = {a:.5f}; "
+          f"final |w| from {np.abs(w).min():.5f} to {np.abs(w).max():.5f}")
+    assert np.allclose(np.abs(w), a, rtol=1e-6)              # every start ends on the 2-cycle
+a_sharp = lr * loss1d.lam1 * rho / (2 - lr * loss1d.lam1)
+print(f"sharp bowl: a = {a_sharp:.2f} = {a_sharp / (lr * loss1d.lam1 * rho):.0f} x eta*lambda*rho; "
+      f"the 1-D ridge is {ridge - loss1d.c1[0]:.2f} from the sharp minimum")
+assert a_sharp > ridge - loss1d.c1[0]
 
 # %% [markdown]
 # ## 5. Gradient descent and SAM on a 2-D loss
@@ -274,12 +381,119 @@ plt.show()
 # The same construction in two dimensions: a sharp bowl at $c_1 = (-1, 0.5)$ ($\lambda_1 = 40$,
 # minimum $-0.1$) and a flat one at $c_2 = (1, -0.5)$ ($\lambda_2 = 1$, minimum $0$). Both
 # methods use the learning rate $\eta = 0.045$, small enough that gradient descent is stable in
-# the sharp basin ($\eta\lambda_1 = 1.8 < 2$). The SAM step is written with minisam's
-# `dual_vector` on a one-entry parameter dictionary, as it is for the WideResnet:
+# the sharp basin ($\eta\lambda_1 = 1.8 < 2$).
 
 # %%
 loss2d = TwoBasins(c1=[-1.0, 0.5], lam1=40.0, m1=-0.1, c2=[1.0, -0.5], lam2=1.0, m2=0.0)
 LR = 0.045
+
+
+def ridge_distance(n=20001):
+    """Distance R from c1 to the ridge (L1 = L2) along the line from c1 to c2."""
+    dist = np.linalg.norm(loss2d.c2 - loss2d.c1)
+    t = np.linspace(0, 1, n)
+    L1 = loss2d.m1 + 0.5 * loss2d.lam1 * t**2
+    L2 = loss2d.m2 + 0.5 * loss2d.lam2 * (dist - t) ** 2
+    return t[np.argmax(L1 > L2)]
+
+# %% [markdown]
+# ### Exercise 2: one SAM step
+# Write `my_sam_step(w, lr, rho)` for the 2-D loss `loss2d` (its gradient is `loss2d.grad`, `w`
+# has shape `(2,)`): the gradient $g = \nabla L(w)$, the perturbation
+# $\hat\epsilon = \rho\, g/\|g\|$ (eq. 2), the gradient at the perturbed point, and the
+# update $w_{t+1} = w - \eta\, \nabla L(w + \hat\epsilon)$ (Algorithm 1, without momentum or
+# weight decay). Return $w_{t+1}$. The check compares it with a step built from `loss2d.grad` and
+# minisam's `dual_vector`, at points in both basins and near the ridge.
+
+# %% tags=["exercise"]
+def my_sam_step(w, lr, rho):
+    # YOUR CODE HERE (three or four lines)
+    raise NotImplementedError
+
+
+# %%
+def reference_sam_step(w, lr, rho):
+    direction, _ = dual_vector({"w": loss2d.grad(w)})
+    return w - lr * loss2d.grad(w + rho * direction["w"])
+
+
+sam_step_cases = [(np.array(w), lr, rho) for w, lr, rho in [
+    ((-1.2, 0.25), LR, 0.1), ((-0.8, 0.6), LR, 0.05), ((0.3, -0.2), LR, 0.1),
+    ((1.5, 0.4), 0.02, 0.2), ((-0.75, 0.35), LR, 0.25)]]
+check("Exercise 2 (SAM step)", my_sam_step, reference_sam_step, sam_step_cases)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# Solution (collapsed: click to expand). Graded by the same check, so it is tested whenever the notebook runs.
+def my_sam_step_solution(w, lr, rho):
+    g = loss2d.grad(w)                             # 1. gradient at w
+    e_hat = rho * g / np.linalg.norm(g)            # 2. ascent of length rho (eq. 2)
+    return w - lr * loss2d.grad(w + e_hat)         # 3. descend with the gradient at w + e_hat
+
+
+check("Exercise 2, solution", my_sam_step_solution, reference_sam_step, sam_step_cases)
+
+# %% [markdown]
+# ### One SAM step, drawn: the paper's Fig. 2, in miniature
+# The paper's Fig. 2 is a schematic of the SAM update on a loss contour: from $w_t$, gradient
+# descent would step along $-\eta\nabla L(w_t)$; SAM first climbs to
+# $w_{adv} = w_t + \hat\epsilon$, takes the gradient there, and applies it **at $w_t$**:
+# $w_{t+1} = w_t - \eta\nabla L(w_{adv})$. Here is that picture on our 2-D loss, with
+# $\eta = 0.045$ and $\rho = 0.1$, at a point of the sharp basin near the ridge (the dashed line,
+# where the two bowls meet). Inside one round bowl all the arrows would lie on one line (the
+# gradient of $\tfrac{\lambda}{2}\|w - c\|^2$ at $w + \hat\epsilon$ is parallel to that at $w$),
+# and SAM's step would just be longer, by $\eta\lambda\rho$: the overshoot of section 4. At this
+# point the ascent crosses the ridge, so the gradient at $w_{adv}$ belongs to the flat bowl and
+# SAM's step heads towards the flat minimum, while gradient descent jumps across the sharp one.
+
+# %%
+w_t, rho_fig = np.array([-1.2, 0.25]), 0.1
+g_t = loss2d.grad(w_t)
+e_hat = rho_fig * dual_vector({"w": g_t})[0]["w"]
+w_adv = w_t + e_hat
+g_adv = loss2d.grad(w_adv)
+w_gd, w_sam = w_t - LR * g_t, w_t - LR * g_adv
+assert np.allclose(w_sam, reference_sam_step(w_t, LR, rho_fig))
+
+xs, ys = np.meshgrid(np.linspace(-1.55, -0.45, 300), np.linspace(-0.05, 1.0, 280))
+grid = np.stack([xs, ys], -1)
+levels = [-0.09, -0.05, 0.0, 0.02, 0.06, 0.12, 0.25, 0.5, 0.8, 1.2, 1.8, 2.6, 3.6]
+fig, ax = plt.subplots(figsize=(9, 5.6))
+cf = ax.contourf(xs, ys, loss2d(grid), levels=levels + [10], cmap="viridis", alpha=0.85)
+ax.contour(xs, ys, loss2d(grid), levels=levels, colors="w", linewidths=0.4)
+L1g, L2g, _, _ = loss2d._bowls(grid)
+ax.contour(xs, ys, L1g - L2g, levels=[0], colors="k", linestyles="--", linewidths=1)
+fig.colorbar(cf, ax=ax, label="$L(w)$")
+
+
+def arrow(start, end, color, ls="-"):
+    ax.annotate("", end, start, arrowprops=dict(arrowstyle="-|>", color=color, lw=2, ls=ls,
+                                                shrinkA=0, shrinkB=0))
+
+
+arrow(w_t, w_gd, "C0")                          # the gradient step
+arrow(w_t, w_adv, "C1")                         # the ascent, length rho
+arrow(w_adv, w_adv - LR * g_adv, "C3", ls="--")  # the gradient at w_adv ...
+arrow(w_t, w_sam, "C3")                         # ... applied at w_t
+ax.plot(*w_t, "o", color="w", mec="k", ms=8, label="$w_t$")
+ax.plot(*w_gd, "s", color="C0", mec="k", ms=7, label=r"gradient step $w_t - \eta\nabla L(w_t)$")
+ax.plot(*w_adv, "^", color="C1", mec="k", ms=8, label=r"$w_{adv} = w_t + \hat\epsilon$ (ascent, length $\rho$)")
+ax.plot([], [], "--", color="C3", lw=2, label=r"$-\eta\nabla L(w_{adv})$, drawn at $w_{adv}$")
+ax.plot(*w_sam, "*", color="C3", mec="k", ms=14, label=r"SAM update $w_{t+1} = w_t - \eta\nabla L(w_{adv})$")
+ax.plot(*loss2d.c1, "P", color="w", mec="k", ms=9, label="sharp minimum $c_1$")
+ax.plot([], [], "k--", lw=1, label="ridge ($L_1 = L_2$)")
+ax.set(aspect="equal", xlabel="$w_1$", ylabel="$w_2$",
+       title=r"one SAM step on the 2-D loss ($\eta$ = 0.045, $\rho$ = 0.1): the paper's Fig. 2, in miniature")
+ax.grid(False)
+ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=9)
+plt.show()
+print(f"gradient step: {np.linalg.norm(w_gd - w_t):.3f} long; SAM step: {np.linalg.norm(w_sam - w_t):.3f} long; "
+      f"cosine between them: {g_t @ g_adv / np.linalg.norm(g_t) / np.linalg.norm(g_adv):.2f}")
+
+# %% [markdown]
+# Now whole trajectories. The SAM step below is written with minisam's `dual_vector` on a
+# one-entry parameter dictionary, as it is for the WideResnet:
+
+# %%
 
 
 def gd_step(w, lr=LR):
@@ -305,21 +519,24 @@ xs, ys = np.meshgrid(np.linspace(-2.2, 2.2, 300), np.linspace(-1.6, 1.7, 240))
 Z = loss2d(np.stack([xs, ys], -1))
 levels = [-0.09, -0.05, 0.0, 0.02, 0.06, 0.12, 0.25, 0.5, 0.8, 1.2, 1.8, 2.6, 3.6]
 
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
-for ax, (name, step) in zip(axes, [("gradient descent", gd_step), (r"SAM, $\rho$ = 0.1", sam_step)]):
-    ax.contourf(xs, ys, Z, levels=levels + [10], cmap="viridis", alpha=0.85)
+fig, axes = plt.subplots(1, 2, figsize=(13, 4.9), sharey=True)
+for ax, (name, step) in zip(axes, [(rf"gradient descent, $\eta$ = {LR}", gd_step),
+                                   (rf"SAM, $\eta$ = {LR}, $\rho$ = 0.1", sam_step)]):
+    cf = ax.contourf(xs, ys, Z, levels=levels + [10], cmap="viridis", alpha=0.85)
     ax.contour(xs, ys, Z, levels=levels, colors="w", linewidths=0.4)
-    for w0 in starts:
+    for i, w0 in enumerate(starts):
         p = trajectory(step, w0)
-        ax.plot(p[:, 0], p[:, 1], ".-", color="orange", ms=2.5, lw=0.8)
-        ax.plot(*p[0], "o", color="w", mec="k", ms=5)
-        ax.plot(*p[-1], "*", color="red", ms=11, mec="k")
+        ax.plot(p[:, 0], p[:, 1], ".-", color="orange", ms=2.5, lw=0.8, label="trajectory" if i == 0 else None)
+        ax.plot(*p[0], "o", color="w", mec="k", ms=5, label="start" if i == 0 else None)
+        ax.plot(*p[-1], "*", color="red", ms=11, mec="k", label="after 400 steps" if i == 0 else None)
     ax.annotate("sharp, L=-0.1", loss2d.c1, xytext=(-2.1, -0.2), color="w", arrowprops=dict(color="w", arrowstyle="->"))
     ax.annotate("flat, L=0", loss2d.c2, xytext=(1.2, 0.6), color="w", arrowprops=dict(color="w", arrowstyle="->"))
     ax.set(title=name, xlabel="$w_1$", aspect="equal")
     ax.grid(False)
 axes[0].set_ylabel("$w_2$")
-plt.tight_layout()
+axes[1].legend(loc="lower right", fontsize=8, framealpha=0.9)
+fig.colorbar(cf, ax=axes, label="$L(w)$", shrink=0.9)
+fig.suptitle("where gradient descent and SAM end: the toy counterpart of the paper's Fig. 1 (middle and right)")
 plt.show()
 
 for w0 in starts:
@@ -332,12 +549,51 @@ for w0 in starts:
 # Gradient descent goes downhill to whichever minimum is nearest and stays there: four of the
 # starts end in the sharp, deeper minimum. SAM falls into the sharp basin too, but cannot stay
 # (section 4): it bounces across the bottom with a growing swing, leaves over the ridge and
-# settles in the flat basin, where its swing is a few thousandths. Its final *training*
-# loss is higher ($0$ rather than $-0.1$); what it bought is a minimum where the loss stays low
-# in a whole neighbourhood.
+# settles in the flat basin, where its swing is tiny. Its final *training* loss is higher
+# ($0$ rather than $-0.1$); what it bought is a minimum where the loss stays low in a whole
+# neighbourhood. This figure is the toy counterpart of the paper's Fig. 1 (middle and right),
+# which shows the sharp minimum a ResNet trained with SGD converged to and the wide minimum the
+# same ResNet reached with SAM.
 #
-# Here is one run of each in detail, from the first start: the loss along the way and the
-# distance to the sharp minimum.
+# Note that with $\rho = 0.1$ the SAM objective does rank the flat minimum first (section 2),
+# but that is not why SAM left: SAM only ever looks at a ball of radius $\rho$ around where it
+# is, and inside the sharp basin the first-order SAM gradient $\lambda_1(w - c_1 + \rho\,
+# \tfrac{w - c_1}{\|w - c_1\|})$ still points to $c_1$. It left because its swing
+# $\eta\lambda_1\rho/(2-\eta\lambda_1)$ (section 4) is wider than the sharp basin. The next
+# prompt tests that.
+
+# %% [markdown]
+# **Try this.** Rerun the 2-D comparison above with a smaller learning rate, say
+# `LR = 0.02` (so $\eta\lambda_1 = 0.8$), keeping $\rho = 0.1$ (pass `lr=0.02` to `gd_step`
+# and `sam_step`, e.g. with `lambda w: sam_step(w, lr=0.02)`). Where does SAM end from the four
+# starts that gradient descent sends to the sharp minimum? Predict it with the swing of section 4
+# before you run it. (Answer below, collapsed.)
+
+# %% [markdown] jupyter={"source_hidden": true}
+# *Answer.* SAM stays in the sharp basin. With $\eta\lambda_1 = 0.8$ its swing is
+# $a = \eta\lambda_1\rho/(2-\eta\lambda_1)$, far smaller than the distance from $c_1$ to the
+# ridge, so the step can no longer throw it out; it ends on a 2-cycle at distance $a$ from $c_1$,
+# at a loss a little above $-0.1$. Equivalently, the threshold of section 6,
+# $\rho^* = R\,(2-\eta\lambda_1)/(\eta\lambda_1)$, is then well above $\rho = 0.1$. The
+# cell below (collapsed) prints the computed $a$ and $\rho^*$ and checks it.
+
+# %% jupyter={"source_hidden": true}
+lr_small = 0.02
+k_small = lr_small * loss2d.lam1
+for w0 in starts[:4]:
+    g_end = trajectory(lambda w: gd_step(w, lr=lr_small), w0)[-1]
+    s_end = trajectory(lambda w: sam_step(w, lr=lr_small), w0)[-1]
+    print(f"start {str(w0):14s} GD -> {where(g_end):5s}   SAM -> {where(s_end):5s} "
+          f"(|w - c1| = {np.linalg.norm(s_end - loss2d.c1):.4f}, L = {loss2d(s_end):+.4f})")
+    assert where(g_end) == where(s_end) == "sharp"
+a_small = k_small * 0.1 / (2 - k_small)
+print(f"eta*lambda1 = {k_small:.1f}: predicted swing a = {a_small:.4f}, "
+      f"rho* = R (2 - eta*lambda1) / (eta*lambda1) = {ridge_distance() * (2 - k_small) / k_small:.3f} > 0.1")
+assert np.isclose(np.linalg.norm(s_end - loss2d.c1), a_small, rtol=1e-3)
+
+# %% [markdown]
+# Here is one run of each (at $\eta = 0.045$) in detail, from the first start: the loss along the
+# way and the distance to the sharp minimum.
 
 # %%
 w0 = starts[0]
@@ -388,12 +644,7 @@ for rho in rhos:
     loss_there.append(np.median(loss2d(end[d1 < 0.5])) if (d1 < 0.5).any() else np.nan)
     hover.append(np.median(d2[d2 < 0.5]) if (d2 < 0.5).any() else np.nan)
 
-# distance from c1 to the ridge along the line to c2
-u = (loss2d.c2 - loss2d.c1) / np.linalg.norm(loss2d.c2 - loss2d.c1)
-t = np.linspace(0, 1, 20001)
-L1 = loss2d.m1 + 0.5 * loss2d.lam1 * t**2
-L2 = loss2d.m2 + 0.5 * loss2d.lam2 * (np.linalg.norm(loss2d.c2 - loss2d.c1) - t) ** 2
-R = t[np.argmax(L1 > L2)]
+R = ridge_distance()                # distance from c1 to the ridge along the line to c2
 k = LR * loss2d.lam1
 rho_star = R * (2 - k) / k
 print(f"ridge at R = {R:.3f} from the sharp minimum; predicted rho* = {rho_star:.3f}")
@@ -404,15 +655,62 @@ for rho, f, l in zip(rhos, at_sharp, loss_there):
 fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
 a.plot(rhos, 100 * np.array(at_sharp), "o-")
 a.axvline(rho_star, color="k", ls="--", lw=1, label=r"predicted $\rho^*$")
-a.set(xlabel=r"$\rho$", ylabel="% of runs", title="runs ending in the sharp basin")
-a.legend()
+a.set(xlabel=r"$\rho$", ylabel="% of runs", title=rf"runs ending in the sharp basin ($\eta$ = {LR})")
+a.legend(loc="best")
 r = np.array(rhos[1:])
 b.loglog(r, hover[1:], "o", label="measured (median)")
 b.loglog(r, LR * loss2d.lam2 * r / (2 - LR * loss2d.lam2), "k-", lw=1, label=r"$\eta\lambda_2\rho/(2-\eta\lambda_2)$")
-b.set(xlabel=r"$\rho$", ylabel="distance", title="how far SAM hovers from the flat minimum")
-b.legend()
+b.set(xlabel=r"$\rho$", ylabel=r"median $\|w - c_2\|$", title="how far SAM hovers from the flat minimum")
+b.legend(loc="best")
 plt.tight_layout()
 plt.show()
+
+frac = dict(zip(rhos, at_sharp))
+assert all(frac[r] == 0 for r in [0.05, 0.07, 0.1, 0.15])      # the useful range: no run stays
+assert min(frac[r] for r in [0.01, 0.02, 0.03]) > 0.2           # below rho*: many stay
+assert min(frac[0.25], frac[0.3]) > 0.2                          # rho ~ R: caught at the ridge
+
+# %% [markdown]
+# ### Why SAM leaves the sharp basin at $\rho = 0.05$: the step, not the objective
+#
+# At $\rho = 0.05$ no run stays in the sharp basin, yet the objective table of section 2 still
+# ranks the sharp minimum **first** at $\rho = 0.05$ ($L^{SAM}$ is lower there than at the flat
+# minimum; the table prints both). So the objective $L^{SAM}$ is not what pushes SAM out. The
+# discrete dynamics are: with $\eta\lambda_1 = 1.8$ close to 2, the factor $1/(2-\eta\lambda_1)$
+# of section 4 turns a perturbation of $0.05$ into a swing wider than the basin, and the
+# threshold $\rho^*$ printed above is set by the step size and the curvature. Change the learning
+# rate and the outcome changes at the same $\rho$. The cell below reruns the same 2000 starts with
+# $\eta = 0.02$ ($\eta\lambda_1 = 0.8$): at $\rho = 0.05$, and even at $\rho = 0.1$ where the
+# objective does prefer the flat minimum, SAM now stays in the sharp basin about as often as
+# gradient descent does (the cell prints the percentages), because the predicted $\rho^*$ (printed) is far above both.
+#
+# This is this tutorial's own analysis of a toy problem, not a claim of the SAM paper. It fits
+# two lines of work on the dynamics of large steps: gradient descent with step size $\eta$ is
+# only stable where the top Hessian eigenvalue is below $2/\eta$, and on neural networks it
+# typically trains right at that limit, the *edge of stability* (Cohen, Kaur, Li, Kolter,
+# Talwalkar, "Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability",
+# ICLR 2021); for SAM, Bartlett, Long and Bousquet ("The Dynamics of Sharpness-Aware
+# Minimization: Bouncing Across Ravines and Drifting Towards Wide Minima", JMLR 2023) show
+# that on a quadratic SAM converges to a cycle bouncing across the minimum along the direction of
+# largest curvature (our 2-cycle), and that away from quadratics this bouncing makes it drift
+# towards wider minima.
+
+# %%
+lr_small = 0.02
+k_small = lr_small * loss2d.lam1
+print(f"eta = {lr_small}: predicted rho* = {R * (2 - k_small) / k_small:.3f}")
+for rho in [0.0, 0.05, 0.1]:
+    end = run_many(w0, rho, lr=lr_small)
+    d1 = np.linalg.norm(end - loss2d.c1, axis=1)
+    f_small = (d1 < 0.5).mean()
+    # the runs that stay sit on the 2-cycle of section 4, at distance a from c1
+    assert np.allclose(d1[d1 < 0.5], k_small * rho / (2 - k_small), atol=1e-6)
+    print(f"rho = {rho:4.2f}: {100 * f_small:5.1f}% of runs end in the sharp basin at eta = {lr_small} "
+          f"(at eta = {LR}: {100 * frac[rho]:5.1f}%)")
+    if rho == 0.0:
+        f_gd = f_small
+    else:                                               # same rho: the step size decides
+        assert frac[rho] == 0 and f_small > 0.2 and abs(f_small - f_gd) < 0.05
 
 # %%
 # What happens at rho = 0.25? Follow one of the runs that ends near the sharp basin.
@@ -432,8 +730,9 @@ for t in range(6):
 # * **$\rho$ too small** ($\rho < \rho^*$): SAM stays in the sharp basin like gradient descent,
 #   but not at its bottom: it swings at the amplitude of section 4, so the loss it ends at rises
 #   quickly with $\rho$. The perturbation is too short for the swing to leave the basin.
-# * **$\rho$ in the useful range** (here about $0.05$ to $0.2$): no run stays in the sharp basin,
-#   and in the flat one SAM hovers at the predicted, tiny distance $\propto\rho$ (right panel).
+# * **$\rho$ in the useful range** (here from just above $\rho^*$ to about $0.15$, at this
+#   learning rate): no run stays in the sharp basin, and in the flat one SAM hovers at the
+#   predicted, tiny distance $\propto\rho$ (right panel).
 # * **$\rho$ as large as the landscape's features** ($\rho \approx 0.25$ to $0.3$, about the
 #   distance $R$ to the ridge): many runs get caught in a cycle across the ridge, at a loss worse
 #   than either minimum. From just past the ridge on the flat side, "uphill" points back towards
@@ -443,23 +742,148 @@ for t in range(6):
 #   perturbation jumps over the sharp basin altogether and the runs reach the flat basin again; do
 #   not read much into that.)
 #
-# For real networks the paper tunes $\rho$ by grid search over
-# $\{0.01, 0.02, 0.05, 0.1, 0.2, 0.5\}$, and $\rho = 0.05$ is the usual choice for
-# WideResnets on CIFAR: a perturbation of norm $0.05$ on a weight vector of norm about $34$
-# (notebook 03), small next to the scale of the weights. Notebooks 04 and 06 repeat this
-# experiment on real training runs.
+# For real networks the paper reports tuning $\rho$ by grid search over
+# $\{0.01, 0.02, 0.05, 0.1, 0.2, 0.5\}$. minisam's default, used in
+# [notebook 04](04_sgd_vs_sam.ipynb), is $\rho = 0.05$: small next to the norm of a WideResnet's
+# weight vector ([notebook 03](03_sam_step_by_step.ipynb) prints both and their ratio).
+# Notebooks [04](04_sgd_vs_sam.ipynb) and [06](06_label_noise.ipynb) compare SGD and SAM on real
+# training runs.
+
+# %% [markdown]
+# ## 7. SAM from scratch on an MLP in about 30 lines of NumPy
 #
-# **Takeaways**
+# Everything above carries over to a network unchanged: only the gradient gets longer to compute.
+# Here is a one-hidden-layer ReLU network, $z = \mathrm{relu}(XW_1 + b_1)\,W_2 + b_2$, with
+# softmax cross-entropy and a hand-written backward pass (the chain rule, layer by layer, from the
+# loss back to the inputs), trained on the 8x8 digits that ship with minisam (10 classes; the
+# cell below prints how many images) with plain SGD and with SAM, $\rho = 0.05$. The SAM step is exactly the one of
+# Exercise 2, on a dictionary of four arrays instead of one, with minisam's `dual_vector`.
+
+# %%
+from minisam.data import load_dataset
+
+train, test = load_dataset("digits", image_size=8)           # NHWC float32, normalised
+X_tr, y_tr = train.images.reshape(len(train.images), -1).astype(np.float64), train.labels
+X_te, y_te = test.images.reshape(len(test.images), -1).astype(np.float64), test.labels
+
+
+def init_mlp(seed, d_in=64, d_hidden=128, d_out=10):
+    rng = np.random.default_rng(seed)                          # He initialisation
+    return {"W1": rng.normal(0, np.sqrt(2 / d_in), (d_in, d_hidden)), "b1": np.zeros(d_hidden),
+            "W2": rng.normal(0, np.sqrt(1 / d_hidden), (d_hidden, d_out)), "b2": np.zeros(d_out)}
+
+
+def mlp_loss_and_grad(p, X, y):
+    h = X @ p["W1"] + p["b1"]                                  # forward
+    a = np.maximum(h, 0)
+    z = a @ p["W2"] + p["b2"]
+    z = z - z.max(axis=1, keepdims=True)                       # stable softmax
+    prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    n = len(y)
+    loss = -np.log(prob[np.arange(n), y]).mean()
+    dz = prob.copy()                                           # backward: d loss / d z
+    dz[np.arange(n), y] -= 1
+    dz /= n
+    dh = (dz @ p["W2"].T) * (h > 0)                            # through W2, then the ReLU
+    return loss, {"W1": X.T @ dh, "b1": dh.sum(0), "W2": a.T @ dz, "b2": dz.sum(0)}
+
+
+def train_mlp(rho, epochs=30, lr=0.1, batch=64, seed=0):
+    p, rng = init_mlp(seed), np.random.default_rng(seed + 1)
+    for _ in range(epochs):
+        order = rng.permutation(len(y_tr))
+        for i in range(0, len(order), batch):
+            Xb, yb = X_tr[order[i:i + batch]], y_tr[order[i:i + batch]]
+            _, g = mlp_loss_and_grad(p, Xb, yb)                # 1. gradient at w
+            if rho > 0:                                        # 2. SAM: gradient at w + e_hat
+                direction, _ = dual_vector(g)
+                _, g = mlp_loss_and_grad({k: p[k] + rho * direction[k] for k in p}, Xb, yb)
+            p = {k: p[k] - lr * g[k] for k in p}               # 3. the descent step
+    return p
+
+
+def accuracy(p, X, y):
+    return float(((np.maximum(X @ p["W1"] + p["b1"], 0) @ p["W2"] + p["b2"]).argmax(1) == y).mean())
+
+
+# %% [markdown]
+# Before trusting the hand-written backward, compare it with finite differences: the directional
+# derivative of the loss along a random direction $v$, $\big(L(w + hv) - L(w - hv)\big)/2h$,
+# must equal $\langle\nabla L(w), v\rangle$ (in float64, to about 7 digits).
+
+# %%
+p, v_rng, h = init_mlp(seed=3), np.random.default_rng(4), 1e-6
+v = {k: v_rng.normal(size=x.shape) for k, x in p.items()}
+_, g = mlp_loss_and_grad(p, X_tr[:32], y_tr[:32])
+shifted = lambda s: mlp_loss_and_grad({k: p[k] + s * h * v[k] for k in p}, X_tr[:32], y_tr[:32])[0]
+numeric = (shifted(1) - shifted(-1)) / (2 * h)
+analytic = sum((g[k] * v[k]).sum() for k in p)
+print(f"finite differences {numeric:.10f}, backward {analytic:.10f}, "
+      f"relative difference {abs(numeric - analytic) / abs(analytic):.1e}")
+assert abs(numeric - analytic) < 1e-6 * abs(analytic)
+
+# %%
+print(f"{len(y_tr)} training and {len(y_te)} test images")
+for name, rho in [("SGD", 0.0), ("SAM", 0.05)]:
+    p = train_mlp(rho)
+    loss_w, g = mlp_loss_and_grad(p, X_tr, y_tr)
+    # the sharpness of section 2 on the whole training set, with the first-order e_hat, rho = 0.05
+    e_dir, _ = dual_vector(g)
+    rise = mlp_loss_and_grad({k: p[k] + 0.05 * e_dir[k] for k in p}, X_tr, y_tr)[0] - loss_w
+    print(f"{name} (rho = {rho}): train accuracy {accuracy(p, X_tr, y_tr):.4f}, "
+          f"test accuracy {accuracy(p, X_te, y_te):.4f}, training loss {loss_w:.4f}, "
+          f"L(w + e_hat) - L(w) = {rise:.4f}")
+
+# %% [markdown]
+# Both fit the training set almost perfectly. Compare the printed test accuracies and the
+# sharpness $L(w+\hat\epsilon) - L(w)$ of the two solutions, but do not read much into one
+# seed on a few hundred test images: a difference of one test image is a fraction of a percent.
+# [Notebook 04](04_sgd_vs_sam.ipynb) does the comparison properly, on a WideResnet, with three
+# seeds, standard errors and the top Hessian eigenvalue of each solution.
+#
+# **Try this.** Train both again with other seeds (`train_mlp(rho, seed=1)`, `seed=2`). Expect
+# the test accuracy to move from seed to seed by about as much as it differs between SGD and SAM
+# here: that is why [notebook 04](04_sgd_vs_sam.ipynb) averages over seeds and reports standard
+# errors before comparing.
+#
+# The same recipe, with a convolutional network, batch norm and residual connections, is what
+# minisam runs: [notebook 02](02_backprop_by_hand.ipynb) writes the forward and backward of
+# every layer of the WideResnet by hand and checks each against finite differences, as we did
+# here for the MLP.
+#
+# ## Recap
 #
 # * Sharpness is how much the loss rises within distance $\rho$; SAM minimises the loss plus
-#   that rise, $\max_{\|\epsilon\|\le\rho} L(w+\epsilon)$.
-# * The inner maximisation is solved to first order: $\hat\epsilon = \rho\, g/\|g\|$, one step of
-#   length $\rho$ uphill; the SAM gradient is the ordinary gradient taken at $w + \hat\epsilon$.
-#   Two gradient evaluations per step.
-# * Near a minimum SAM keeps moving: its swing grows with the curvature, so sharp minima are
-#   unstable for it while flat ones are not.
-# * $\rho$ has to be large enough to see the sharpness and small enough for the first-order
-#   picture to hold.
+#   that rise, $\max_{\|\epsilon\|\le\rho} L(w+\epsilon)$. With large enough $\rho$ that
+#   objective prefers the flat minimum to a deeper sharp one (section 2).
+# * The inner maximisation is solved to first order: $\hat\epsilon = \rho\, g/\|g\|$ (eq. 2,
+#   global norm), one step of length $\rho$ uphill; the SAM gradient is the ordinary gradient
+#   taken at $w + \hat\epsilon$ (the paper's Fig. 2). Two gradient evaluations per step. On our
+#   toy loss the first-order perturbation is exact except near the ridge between the basins.
+# * Near a minimum SAM keeps moving: it ends on a 2-cycle of amplitude
+#   $\eta\lambda\rho/(2-\eta\lambda)$, which grows with the curvature and blows up as
+#   $\eta\lambda \to 2$.
+# * On the toy loss SAM left the sharp basin at $\rho = 0.05$ because of that swing, that is,
+#   because of the step size, while the SAM objective at $\rho = 0.05$ still preferred the
+#   sharp minimum; with a smaller learning rate it stays (our analysis, in the spirit of the
+#   edge-of-stability literature, not a claim of the paper).
+# * $\rho$ has to be large enough to matter and small enough for the first-order picture to hold.
 #
-# Next: [02 · Backprop by hand](02_backprop_by_hand.ipynb) builds the gradient of a real network,
-# layer by layer.
+# **Next:** [02 · Backprop by hand](02_backprop_by_hand.ipynb): the gradient of a WideResnet, layer
+# by layer. Then [03](03_sam_step_by_step.ipynb) (one SAM step on a WideResnet, against the JAX
+# reference), [04](04_sgd_vs_sam.ipynb) (SGD vs SAM, Hessian eigenvalues, loss landscapes),
+# [05](05_m_sharpness_and_data_parallel.ipynb) ($m$-sharpness and data parallelism) and
+# [06](06_label_noise.ipynb) (label noise).
+#
+# **Further reading**
+#
+# * Keskar, Mudigere, Nocedal, Smelyanskiy, Tang, "On Large-Batch Training for Deep Learning:
+#   Generalization Gap and Sharp Minima", ICLR 2017: large batches find sharp minima that
+#   generalise worse.
+# * Dinh, Pascanu, Bengio, Bengio, "Sharp Minima Can Generalize For Deep Nets", ICML 2017:
+#   rescaling the layers of a ReLU network can make a minimum arbitrarily sharp without changing the
+#   function, so sharpness has to be measured with care.
+# * Cohen, Kaur, Li, Kolter, Talwalkar, "Gradient Descent on Neural Networks Typically Occurs
+#   at the Edge of Stability", ICLR 2021.
+# * Bartlett, Long, Bousquet, "The Dynamics of Sharpness-Aware Minimization: Bouncing Across
+#   Ravines and Drifting Towards Wide Minima", JMLR 2023.

@@ -32,6 +32,22 @@
 # 3. $g_{SAM} = \nabla L(w + \hat\epsilon)$, weight decay evaluated at $w+\hat\epsilon$ too; this
 #    pass's BN statistics are thrown away;
 # 4. clip $g_{SAM}$ to global norm 5, then a Nesterov momentum step.
+#
+# It follows [notebook 01](01_sharpness_intuition.ipynb) (the idea) and, optionally,
+# [notebook 02](02_backprop_by_hand.ipynb) (the layers' gradients). Two exercises let you write
+# the perturbation and the update yourself, graded against the JAX numbers.
+#
+# > **Notation: where the weight decay goes.** The paper's eq. 1 writes the SAM objective as
+# > $\min_w \max_{\|\epsilon\|\le\rho} L_S(w+\epsilon) + \lambda\|w\|^2$, with the weight decay
+# > **outside** the maximised loss. The JAX code (google-research/sam), and minisam by default
+# > (`SAMConfig.weight_decay_in="loss"`), put $\tfrac{wd}{2}\|w\|^2$ **inside** the loss that is
+# > maximised. So the perturbation direction is that of $\nabla L_S(w) + wd\cdot w$ (step 1 above),
+# > and the SAM gradient is taken at $w+\hat\epsilon$ including $wd\,(w+\hat\epsilon)$ (step 3).
+# > Compared with eq. 1 this changes the direction of $\hat\epsilon$ a little and adds a term
+# > $wd\cdot\hat\epsilon$ to the update; both are small for $wd = 5\cdot10^{-4}$ (the cell after
+# > Exercise 1 measures them on this step). The other form, weight decay added by the optimizer
+# > at $w$ (torch SGD's `weight_decay`, davda54/sam's choice), is `SAMConfig(weight_decay_in="optimizer")`,
+# > `minisam train --weight-decay-in optimizer` (`minisam.semantics` lists who does what).
 
 # %%
 import pathlib, sys
@@ -40,6 +56,8 @@ ROOT = pathlib.Path.cwd().resolve()
 while not (ROOT / "minisam").is_dir() and ROOT != ROOT.parent:
     ROOT = ROOT.parent
 sys.path.insert(0, str(ROOT))       # `import minisam` without `pip install -e .`
+sys.path.insert(0, str(ROOT / "tutorials"))
+from grading import check           # grades the exercises
 
 import inspect
 
@@ -164,6 +182,65 @@ print(f"||w|| = {float(global_norm(w0)):.4f}: the perturbation moves the weights
       f"{100 * sam_cfg.rho / float(global_norm(w0)):.2f}% of their norm")
 
 # %% [markdown]
+# ### Exercise 1: the perturbation from the trace's gradient
+#
+# Write `my_perturbation(g, rho)`: given a gradient as a dict of arrays (one per parameter),
+# return the dict $\hat\epsilon = \rho\, g/\|g\|$ (eq. 2) with the **global** norm
+# $\|g\| = \sqrt{\sum_k \sum g_k^2}$ over all arrays together, not one norm per array. It is
+# graded on the JAX trace's own gradient `init/grad/` against the trace's perturbation
+# `sam/perturbation/` (float32 tolerances), then on a second, random gradient against
+# `minisam.sam.dual_vector`.
+
+# %% tags=["exercise"]
+def my_perturbation(g, rho):
+    # YOUR CODE HERE (two lines: the global norm, then a dict comprehension)
+    raise NotImplementedError
+
+
+# %%
+g_jax = {k: arrays["init/grad/" + k] for k in w0}
+e_jax = {k: arrays["sam/perturbation/" + k] for k in w0}
+rng = np.random.default_rng(0)
+g_random = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in w0.items()}
+
+
+def reference_perturbation(g, rho):
+    """The JAX trace's perturbation for its own gradient; minisam's dual_vector otherwise."""
+    if g is g_jax and rho == cfg["sam_rho"]:
+        return e_jax
+    return {k: rho * d for k, d in dual_vector(g)[0].items()}
+
+
+pert_cases = [(g_jax, cfg["sam_rho"]), (g_random, 0.1)]
+check("Exercise 1 (perturbation)", my_perturbation, reference_perturbation, pert_cases,
+      rtol=1e-5, atol=1e-6)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# Solution (collapsed: click to expand). Graded by the same check, so it is tested whenever the notebook runs.
+def my_perturbation_solution(g, rho):
+    norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in g.values()))
+    return {k: rho * v / norm for k, v in g.items()}
+
+
+check("Exercise 1, solution", my_perturbation_solution, reference_perturbation, pert_cases,
+      rtol=1e-5, atol=1e-6)
+
+# %% [markdown]
+# Back to the notation box: how much does it matter here where the weight decay goes? With it
+# in the optimizer, the perturbation would follow the cross-entropy's gradient alone,
+# $g - wd\cdot w$, and the update would lose the $wd\cdot\hat\epsilon$ term. On this step:
+
+# %%
+g_ce = {k: g[k] - sam_cfg.weight_decay * w0[k] for k in w0}          # grad of the cross entropy alone
+e_ce = {k: sam_cfg.rho * d for k, d in dual_vector(g_ce)[0].items()}
+cos_e = sum(float((e[k] * e_ce[k]).sum()) for k in w0) / (sam_cfg.rho ** 2)
+wd_w, wd_e = sam_cfg.weight_decay * float(global_norm(w0)), sam_cfg.weight_decay * sam_cfg.rho
+print(f"||wd w|| = {wd_w:.4f} against ||g|| = {float(g_norm):.4f}: the two perturbations are "
+      f"{np.degrees(np.arccos(min(cos_e, 1.0))):.2f} degrees apart")
+print(f"||wd e|| = {wd_e:.1e}: the extra term of the update, against ||g|| = {float(g_norm):.4f}")
+assert wd_w < 0.01 * float(g_norm) and wd_e < 1e-4 * float(g_norm)
+
+# %% [markdown]
 # ## Step 3: the SAM gradient at $w + \hat\epsilon$
 #
 # The same `loss_and_grad`, at the perturbed weights. minisam's model keeps the BN running
@@ -196,7 +273,11 @@ print(f"SAM gradient at JAX's w + e: max rel err "
 
 
 # %% [markdown]
-# ### A ReLU tie
+# ### Deep dive (optional): a ReLU tie
+#
+# (Skip to step 4 below if you like: the rest of the step does not depend on this hunt, only
+# on its result, the SAM gradient with the decisive tie on JAX's side.)
+#
 #
 # A gradient is a smooth function of the weights almost everywhere, but not across a ReLU's
 # kink. A ReLU passes the gradient where its input is positive and blocks it where it is
@@ -306,6 +387,7 @@ print(f"   minisam's float32 value here is {v32:+.2e}, so as computed it {'passe
 g_sam_jax_side = sam_grad_with(tie_path, tie_flat, jax_passes)
 compare("SAM gradient, that tie on JAX's side", g_sam_jax_side, "sam/grad/")
 compare("||g_sam||", global_norm(g_sam_jax_side), "sam/grad_norm")
+assert tie_path == "WideResnetGroup_2/WideResnetBlock_0/relu1" and v64 < 0 and jax_passes
 
 # %% [markdown]
 # One entry decides everything: the input of the first ReLU in the first block of the last group,
@@ -344,7 +426,8 @@ print(f"... and {sum(r.group.startswith(('step2/', 'step3/')) for r in rows)} mo
 #
 # The JAX code clips the gradient that goes to the optimizer (the SAM gradient, averaged over
 # replicas; there is one replica here) to a global norm of 5: unchanged if its norm is below 5,
-# else rescaled to norm 5. Here $\|g_{SAM}\| \approx 4.24$, so clipping leaves it alone. From
+# else rescaled to norm 5. Here $\|g_{SAM}\|$ is below 5 (the cell prints it), so clipping leaves
+# it alone. From
 # here on we continue with the SAM gradient that has the decisive tie on JAX's side (the same as
 # the one computed above if minisam's rounding landed there too).
 
@@ -352,6 +435,7 @@ print(f"... and {sum(r.group.startswith(('step2/', 'step3/')) for r in rows)} mo
 print(inspect.getsource(clip_by_global_norm))
 g_clipped, norm_before = clip_by_global_norm(g_sam_jax_side, sam_cfg.gradient_clipping)
 print(f"||g_sam|| = {float(norm_before):.7f} < {sam_cfg.gradient_clipping}: unchanged")
+assert float(norm_before) < sam_cfg.gradient_clipping
 compare("clipped gradient", g_clipped, "sam/grad_clipped/")
 
 # %% [markdown]
@@ -369,6 +453,56 @@ print(f"lr = {lr} (JAX {float(arrays['step1/lr'])})")
 compare("params after step 1", w1, "step1/params/", show=2)
 compare("momentum after step 1", m1, "step1/momentum/")
 compare("BN state after step 1 (first pass)", state_after_first_pass, "step1/state/")
+
+# %% [markdown]
+# ### Exercise 2: the update from the trace
+#
+# Write `my_update(params, momentum, grad, lr, beta, max_norm)`: clip `grad` to global norm
+# `max_norm` (unchanged if its norm is below `max_norm`, else rescaled to norm `max_norm`),
+# then take the Nesterov step $m \leftarrow \beta m + g$, $w \leftarrow w - \eta\,(g + \beta m)$. Return
+# the tuple `(new_params, new_momentum)`, two dicts. The weight decay needs no term of its own:
+# in the JAX code it is already inside the SAM gradient (see the notation box).
+#
+# It is graded on the JAX trace itself: from the initial weights, zero momentum, the trace's
+# SAM gradient `sam/grad/`, its `step1/lr`, $\beta = 0.9$ and norm 5, your result must match
+# `step1/params/` and `step1/momentum/` (float32 tolerances). Since that gradient is not clipped
+# and the momentum starts at zero, two more cases, graded against minisam's `clip_by_global_norm`
+# and `nesterov_update`, clip (norm 1) and start from a non-zero momentum.
+
+# %% tags=["exercise"]
+def my_update(params, momentum, grad, lr, beta, max_norm):
+    # YOUR CODE HERE (about five lines: the global norm, the clipped gradient, then m and w)
+    raise NotImplementedError
+
+
+# %%
+g_sam_trace = {k: arrays["sam/grad/" + k] for k in w0}
+step1_trace = ({k: arrays["step1/params/" + k] for k in w0}, {k: arrays["step1/momentum/" + k] for k in w0})
+m_random = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.01 for k, v in w0.items()}
+trace_case = (w0, nesterov_init(w0), g_sam_trace, float(arrays["step1/lr"]), 0.9, cfg["gradient_clipping"])
+
+
+def reference_update(params, momentum, grad, lr, beta, max_norm):
+    """The JAX trace's step 1 for its own inputs; minisam's clipping and Nesterov step otherwise."""
+    if grad is g_sam_trace and params is w0 and max_norm == cfg["gradient_clipping"]:
+        return step1_trace
+    return nesterov_update(params, clip_by_global_norm(grad, max_norm)[0], momentum, lr, beta)
+
+
+update_cases = [trace_case, (w0, m_random, g_sam_trace, 0.1, 0.9, 1.0), (w0, m_random, g_random, 0.05, 0.8, 1e3)]
+check("Exercise 2 (update)", my_update, reference_update, update_cases, rtol=1e-5, atol=1e-6)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# Solution (collapsed: click to expand). Graded by the same check, so it is tested whenever the notebook runs.
+def my_update_solution(params, momentum, grad, lr, beta, max_norm):
+    norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in grad.values()))
+    scale = 1.0 if norm < max_norm else max_norm / norm
+    new_m = {k: beta * momentum[k] + scale * grad[k] for k in grad}
+    new_w = {k: params[k] - lr * (scale * grad[k] + beta * new_m[k]) for k in grad}
+    return new_w, new_m
+
+
+check("Exercise 2, solution", my_update_solution, reference_update, update_cases, rtol=1e-5, atol=1e-6)
 
 
 # %% [markdown]
@@ -431,12 +565,14 @@ y = np.arange(len(keys))
 a.barh(y - 0.2, norm_g, 0.4, label=r"$\|g\|$ at $w$")
 a.barh(y + 0.2, norm_s, 0.4, label=r"$\|g_{SAM}\|$ at $w+\hat\epsilon$")
 a.set_xscale("log")
-a.set(xlabel="gradient norm per array", title="per-array gradient norms")
+a.set(xlabel="gradient norm per array", ylabel="parameter array (network order)",
+      title="per-array gradient norms")
 a.set_yticks(y, short, fontsize=8)
 a.invert_yaxis()
 a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
 b.barh(y, angle, color="C2")
-b.set(xlabel="angle between $g$ and $g_{SAM}$ (degrees)", title="how far the SAM gradient turns")
+b.set(xlabel="angle between $g$ and $g_{SAM}$ (degrees)", ylabel="parameter array (same order)",
+      title="how far the SAM gradient turns, per array")
 plt.tight_layout()
 plt.show()
 total_cos = sum(float((g[k] * g_sam_jax_side[k]).sum()) for k in keys) / float(global_norm(g) * global_norm(g_sam_jax_side))
@@ -444,11 +580,15 @@ print(f"all parameters together: ||g|| = {float(global_norm(g)):.4f}, ||g_sam|| 
       f"cos = {total_cos:.4f}, angle {np.degrees(np.arccos(total_cos)):.1f} degrees")
 print(f"per array: angles from {angle.min():.1f} to {angle.max():.1f} degrees, "
       f"norm ratios ||g_sam|| / ||g|| from {np.min(norm_s / norm_g):.2f} to {np.max(norm_s / norm_g):.2f}")
+head = np.array([k.startswith(("pre-pool-bn", "Dense_3")) for k in keys])
+print(f"mean angle: convolutional body {angle[~head].mean():.1f} degrees, head {angle[head].mean():.1f} degrees")
+assert angle[head].mean() < angle[~head].mean()
 
 # %% [markdown]
-# A step of 0.15% of the weights' norm leaves the gradient's size about the same, array by
-# array, but turns its direction: by 10 to 20 degrees in the convolutional body, by only a few
-# degrees in the head (`pre-pool-bn`, `Dense_3`). SAM's update is not a rescaled $g$; it is a
+# A step of a fraction of a percent of the weights' norm (step 2 printed it) leaves the
+# gradient's size about the same, array by array, but turns its direction, more in the
+# convolutional body than in the head (`pre-pool-bn`, `Dense_3`): the last lines print the
+# ranges and the mean angles. SAM's update is not a rescaled $g$; it is a
 # different direction, the one that also lowers the loss at the worst nearby point.
 #
 # ## Summary
@@ -466,4 +606,26 @@ for what, err in SUMMARY:
 # finds such ties and reports every one it flips; `tests/test_reference.py` checks all three reference cases,
 # including a two-replica case and label smoothing, on every commit.
 #
-# Coming next: 04 compares SGD and SAM on real training runs.
+# ## Recap
+#
+# * One SAM step is two gradients: $g$ at $w$, then $g_{SAM}$ at $w + \hat\epsilon$ with
+#   $\hat\epsilon = \rho\,g/\|g\|$ and one global norm over all arrays (Exercise 1); the update
+#   clips $g_{SAM}$ by global norm and takes a Nesterov step from $w$ (Exercise 2).
+# * In the JAX code (and minisam's default) the weight decay is inside the maximised loss, not
+#   outside as in eq. 1; on this step the difference is tiny, and `--weight-decay-in optimizer`
+#   gives the other form.
+# * Every intermediate agrees with the JAX code to float32 precision, once a single ReLU input
+#   within rounding of zero sits on JAX's side of the kink; `minisam verify` finds and reports
+#   such ties.
+# * The SAM gradient has about the size of $g$ but a different direction.
+#
+# **Further reading.** SAM's radius $\rho$ is not invariant to rescaling the weights; ASAM
+# (Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep
+# Neural Networks", ICML 2021) scales the perturbation elementwise by $|w|$. GSAM (Zhuang et al.,
+# "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR 2022) also descends along the part of
+# $g$ orthogonal to $g_{SAM}$, to shrink the gap between the perturbed and the plain loss. minisam
+# implements both, `minisam train --adaptive asam` and `--sam-variant gsam`: see the section
+# "SAM is not one algorithm" of the [README](../README.md#sam-is-not-one-algorithm).
+#
+# **Next:** [notebook 04 · SGD vs SAM](04_sgd_vs_sam.ipynb) trains both on real data and compares
+# the solutions they find.
