@@ -147,7 +147,7 @@ def plot_hessian(record: dict, out: str) -> str:
     epoch, SGD against SAM, and the top of the spectrum at the end (the paper's Fig. 3 left)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    colors = {"SGD": "tab:blue", "SAM": "tab:red"}
+    colors = {"SGD": "tab:blue", "SAM": "tab:red", "SGD, 2x epochs": "tab:cyan"}
     for name, run in record["runs"].items():
         rows = run["epochs"]
         ep = [r["epoch"] for r in rows]
@@ -185,7 +185,9 @@ def plot_m_sharpness(record: dict, out: str) -> str:
     st = record["settings"]
     def mean_error(rows):
         return 100 * sum(r["test_error_rate"] for r in rows) / len(rows)
-    sgd = mean_error([r for r in record["models"] if r["rho"] == 0])
+    sgd_rows = [r for r in record["models"] if r["rho"] == 0]
+    sgd = min(mean_error([r for r in sgd_rows if r.get("epochs", st["epochs"]) == e])
+              for e in {r.get("epochs", st["epochs"]) for r in sgd_rows})  # fair_sgd: the better
     for m in st["ms"]:
         rhos = sorted({r["rho"] for r in record["models"] if r["train_m"] == m})
         errs = [mean_error([r for r in record["models"] if r["train_m"] == m and r["rho"] == rho])
@@ -211,5 +213,35 @@ def plot_m_sharpness(record: dict, out: str) -> str:
     fig.suptitle(f"m-sharpness, {st['model']} on {st['image_size']}x{st['image_size']} digits, "
                  f"{len(record['models'])} models, {st['epochs']} epochs each"
                  + (" [quick]" if record["quick"] else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_label_noise(record: dict, out: str) -> str:
+    """``experiments.labelnoise``'s record: clean test accuracy against the noise rate per
+    method, the miniature beside the paper's Table 4 (each panel labelled with its setting)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    styles = {"SGD": ("tab:blue", "o-"), "SGD, early stopped": ("tab:cyan", "v:"),
+              "SAM": ("tab:red", "s-"), "Bootstrap + SAM": ("tab:purple", "D--")}
+    rates = [100 * r["rate"] for r in record["rows"]]
+    for m in record["methods"]:
+        color, style = styles[m]
+        label = m if m != "SGD" or not record["fair_sgd"] else "SGD (better of 1x, 2x epochs)"
+        axes[0].plot(rates, [100 * r[m]["test_acc"] for r in record["rows"]], style,
+                     color=color, label=label)
+    paper = record["paper"]
+    for m in ("SGD", "SAM", "Bootstrap + SAM"):
+        color, style = styles[m]
+        axes[1].plot([100 * r for r in paper["rates"]], paper[m], style, color=color, label=m)
+    st = record["settings"]
+    axes[0].set(title=f"minisam: {st['model']}, {st['image_size']}x{st['image_size']} digits, "
+                      f"{st['epochs']} epochs" + (" [quick]" if record["quick"] else ""),
+                xlabel="label noise (%)", ylabel="clean test accuracy (%)")
+    axes[1].set(title="the paper's Table 4: ResNet-32, CIFAR-10, 200 epochs",
+                xlabel="label noise (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return _save(fig, out)

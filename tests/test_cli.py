@@ -188,9 +188,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     res = json.load(open(os.path.join(out_dir, "results.json")))["results"]
     assert set(res) == {"sgd", "sam"} and np.isfinite(res["sam"]["hessian_top"])
     assert all(0 <= r[k] <= 1 for r in res.values() for k in ("train_acc_noisy", "test_acc"))
-    # a second demo replaces its own previous runs
-    code, out, err = run_main(capsys, ["demo", "--quick", "--out", out_dir, "--no-progress"])
+    assert "--fair-sgd adds SGD at twice the epochs" in out
+    # a second demo replaces its own previous runs; --fair-sgd adds SGD at twice the epochs
+    code, out, err = run_main(capsys, ["demo", "--quick", "--fair-sgd", "--out", out_dir,
+                                       "--no-progress"])
     assert code == 0, err
+    rec = json.load(open(os.path.join(out_dir, "results.json")))
+    assert set(rec["results"]) == {"sgd", "sam", "sgd2x"}
+    cfg = rec["config"]
+    assert cfg["sgd2x"]["rho"] == 0 and cfg["sgd2x"]["epochs"] == 2 * cfg["sgd"]["epochs"]
+    better = "SGD, 2x epochs" if (rec["results"]["sgd2x"]["test_acc"]
+                                  > rec["results"]["sgd"]["test_acc"]) else "SGD"
+    assert f"the better SGD baseline on the test set: {better} " in out
 
 
 def test_eval_command_and_trainer_share_one_evaluation(tmp_path, capsys):

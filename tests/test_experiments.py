@@ -28,6 +28,19 @@ def test_hessian_quick_writes_its_figure_and_every_number(tmp_path, capsys):
                 assert np.isnan(r["lambda_max_over_lambda_5"])
     assert rec["runs"]["SAM"]["rho"] == 0.05 and rec["runs"]["SGD"]["rho"] == 0.0
     assert "about 24" in rec["paper"]
+    assert rec["fair_sgd"] is False
+
+
+def test_hessian_fair_sgd_adds_sgd_at_twice_the_epochs(tmp_path):
+    out = str(tmp_path / "h")
+    assert main(["experiment", "hessian", "--quick", "--fair-sgd", "--epochs", "1", "--out", out,
+                 "--no-progress"]) == 0
+    with open(os.path.join(out, "hessian.json")) as f:
+        rec = json.load(f)
+    assert rec["fair_sgd"] is True
+    assert set(rec["runs"]) == {"SGD", "SGD, 2x epochs", "SAM"}
+    assert [r["epoch"] for r in rec["runs"]["SGD, 2x epochs"]["epochs"]] == [1, 2]
+    assert [r["epoch"] for r in rec["runs"]["SGD"]["epochs"]] == [1]
 
 
 def test_hessian_measure_is_lanczos_on_the_masked_hvp(tmp_path):
@@ -54,7 +67,7 @@ def test_bad_experiment_arguments_are_one_line(capsys):
     assert main(["experiment", "hessian", "--rho", "0"]) == 2
     assert "--rho must be > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["experiment", "label-noise"])
+        main(["experiment", "noise"])
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -83,3 +96,53 @@ def test_spearman_rank_correlation():
     assert spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1.0)   # ranks only
     # ties get their mean rank: ranks (1.5, 1.5, 3) against (1, 2, 3) -> r = sqrt(3)/2
     assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2)
+
+
+def test_label_noise_quick_writes_its_figure_its_table_and_every_number(tmp_path, capsys):
+    from minisam.experiments.labelnoise import METHODS, PAPER_TABLE4
+    out = str(tmp_path / "ln")
+    assert main(["experiment", "label-noise", "--quick", "--fair-sgd", "--out", out,
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(out, "label-noise.json")) as f:
+        rec = json.load(f)
+    assert os.path.getsize(os.path.join(out, "label-noise.png")) > 10_000
+    assert rec["table"] in printed and "paper (CIFAR-10)" in printed
+    (row,) = rec["rows"]
+    assert row["rate"] == 0.4 and set(METHODS) <= set(row)
+    assert abs(row["wrong_labels"] - 0.9 * 0.4) < 0.05   # a label lands on its class 1 in 10
+    # the paper's numbers are printed beside ours, labelled as the paper's
+    assert "68.8" in printed and "94.2" in printed and PAPER_TABLE4["SAM"][1] == 93.4
+    # fair SGD: the 1x and 2x budgets, and the reported one ends best on validation
+    runs = row["sgd_runs"]
+    assert [r["epochs"] for r in runs] == [2, 4] and [len(r["val_acc"]) for r in runs] == [2, 4]
+    finals = [r["val_acc"][-1] for r in runs]
+    chosen = runs[finals.index(max(finals))]
+    assert row["SGD"] == {"test_acc": chosen["test_acc"][-1], "epochs": chosen["epochs"]}
+    # early stopping: the test accuracy at the epoch of best validation accuracy
+    es = row["SGD, early stopped"]
+    stopped = next(r for r in runs if r["epochs"] == es["of_epochs"])
+    assert stopped["val_acc"][es["epoch"] - 1] == max(max(r["val_acc"]) for r in runs)
+    assert es["test_acc"] == stopped["test_acc"][es["epoch"] - 1]
+    assert row["SAM"]["rho"] == row["Bootstrap + SAM"]["rho"] == 0.1
+    assert row["SAM"]["test_acc"] == row["sam_by_rho"]["0.1"]["test_acc"]
+    assert 0 < row["Bootstrap + SAM"]["relabelled_correct"] <= 1
+    assert rec["fair_sgd"] is True and "1x and 2x" in rec["sgd_baseline"]
+
+
+def test_label_noise_choices_early_stopping_and_predictions():
+    """The selection rules on known curves, and predict() agrees with the evaluation."""
+    from minisam.config import TrainConfig
+    from minisam.experiments.labelnoise import best_final, early_stopped, predict
+    from minisam.train import Trainer
+    curves = [[0.5, 0.8, 0.7], [0.6, 0.8, 0.9, 0.75]]
+    assert best_final(curves) == 1                 # finals 0.7 and 0.75
+    assert best_final([[0.1, 0.9], [0.9], [0.2, 0.9]]) == 0     # ties: the first
+    assert early_stopped(curves) == (1, 3)         # 0.9 at epoch 3 of the second run
+    assert early_stopped([[0.2, 0.8, 0.8], [0.8]]) == (0, 2)    # ties: the earliest
+    t = Trainer(TrainConfig(dataset="digits", image_size=8, model="wrn10_1", epochs=1,
+                            batch_size=64), None, progress=False)
+    t.fit()
+    pred = predict(t, t.test_data)
+    assert pred.shape == (len(t.test_data),) and pred.dtype == np.int32
+    assert np.mean(pred != t.test_data.labels) == pytest.approx(t.evaluate()["error_rate"])

@@ -6,12 +6,13 @@ record. ``quick`` is the setting the tests use (seconds, not minutes).
 """
 from __future__ import annotations
 
-EXPERIMENTS = ("hessian", "m-sharpness")
+EXPERIMENTS = ("hessian", "m-sharpness", "label-noise")
 
 
 def run(name: str, out_dir: str, **kwargs) -> dict:
     """Run experiment ``name`` (one of ``EXPERIMENTS``)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")
-    from . import hessian, msharpness
-    return {"hessian": hessian.run, "m-sharpness": msharpness.run}[name](out_dir, **kwargs)
+    from . import hessian, labelnoise, msharpness
+    return {"hessian": hessian.run, "m-sharpness": msharpness.run,
+            "label-noise": labelnoise.run}[name](out_dir, **kwargs)

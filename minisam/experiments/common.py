@@ -1,5 +1,6 @@
 """What every experiment does the same way: take a trainer's weights to the host in float64
-for measuring, and write its record as NAME.json and its figure as NAME.png."""
+for measuring, give SGD its fair budget, and write its record as NAME.json and its figure
+as NAME.png."""
 from __future__ import annotations
 
 import json
@@ -24,3 +25,12 @@ def save(out_dir: str, record: dict, plot) -> dict:
         json.dump(record, f, indent=1)
     record["png"] = plot(record, os.path.join(out_dir, f"{name}.png"))
     return record
+
+
+FAIR_SGD = ("also train SGD for twice the epochs and report the better run, the paper's "
+            "fair baseline (sec. 3.1: a SAM step costs two gradient evaluations, an SGD step one)")
+
+
+def sgd_epochs(epochs: int, fair: bool) -> tuple:
+    """The epoch budgets SGD trains with: SAM's, and with ``fair`` also twice that."""
+    return (epochs, 2 * epochs) if fair else (epochs,)

@@ -29,7 +29,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..sharpness import BatchLoss, lanczos
 from ..train import Trainer
-from .common import float64_weights, save
+from .common import float64_weights, save, sgd_epochs
 
 FULL = dict(epochs=10, batch_size=32, lr=0.1, image_size=16, model="wrn10_2", examples=128,
             iters=20, every=2)
@@ -55,25 +55,27 @@ def measure(trainer: Trainer, examples: int, iters: int, seed: int = 0) -> dict:
 
 def run(out_dir: str, *, quick: bool = False, rho: float = 0.05, batch_norm: bool = False,
         epochs: int | None = None, device: str = "cpu", seed: int = 0,
-        progress: bool = True) -> dict:
+        fair_sgd: bool = False, progress: bool = True) -> dict:
     """Train SGD and SAM, measure every ``every`` epochs and at the end, write hessian.json
-    and hessian.png."""
+    and hessian.png. ``fair_sgd``: also SGD for twice the epochs ("SGD, 2x epochs")."""
     s = dict(QUICK if quick else FULL)
     if epochs is not None:
         s["epochs"] = int(epochs)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     runs = {}
-    for name, r in (("SGD", 0.0), ("SAM", rho)):
+    budgets = [("SGD" if e == s["epochs"] else "SGD, 2x epochs", 0.0, e)
+               for e in sgd_epochs(s["epochs"], fair_sgd)]
+    for name, r, n_epochs in [budgets[0], ("SAM", rho, s["epochs"]), *budgets[1:]]:
         cfg = TrainConfig(dataset="digits", image_size=s["image_size"], model=s["model"],
-                          epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], rho=r,
+                          epochs=n_epochs, batch_size=s["batch_size"], lr=s["lr"], rho=r,
                           batch_norm=batch_norm, seed=seed, device=device)
         trainer = Trainer(cfg, None, progress=False, max_steps=0)
         rows, spe = [], trainer.steps_per_epoch
-        for epoch in range(1, s["epochs"] + 1):
+        for epoch in range(1, n_epochs + 1):
             trainer.max_steps = epoch * spe
             rec = trainer.fit()
-            if epoch % s["every"] and epoch != s["epochs"]:
+            if epoch % s["every"] and epoch != n_epochs:
                 continue
             tm = time.time()
             row = {"epoch": epoch, "train_loss": rec.get("train_loss"),
@@ -89,6 +91,7 @@ def run(out_dir: str, *, quick: bool = False, rho: float = 0.05, batch_norm: boo
         runs[name] = {"rho": r, "epochs": rows}
     record = {"experiment": "hessian", "quick": quick, "batch_norm": batch_norm,
               "dataset": "digits", "settings": s, "k": K, "device": device, "seed": seed,
+              "fair_sgd": fair_sgd,
               "runs": runs, "seconds": round(time.time() - t0, 1),
               "paper": "WRN-40-10 without BN on CIFAR-10 (Foret et al. 2021, sec. 4.2, Fig. 3 "
                        "left): lambda_max about 24 with SGD and 1.0 with SAM, lambda_max / "
