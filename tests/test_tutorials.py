@@ -18,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = os.path.join(ROOT, "tutorials")
 NOTEBOOKS = sorted(glob.glob(os.path.join(TUTORIALS, "*.ipynb")))
-CELL_TIMEOUT = 300   # seconds per cell; each notebook should finish in well under a minute
+CELL_TIMEOUT = 300   # seconds per cell; each notebook should take under 3 minutes on 2 cores
 
 try:
     import ipykernel  # noqa: F401  (the kernel the notebooks run in)
