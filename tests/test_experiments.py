@@ -146,3 +146,29 @@ def test_label_noise_choices_early_stopping_and_predictions():
     pred = predict(t, t.test_data)
     assert pred.shape == (len(t.test_data),) and pred.dtype == np.int32
     assert np.mean(pred != t.test_data.labels) == pytest.approx(t.evaluate()["error_rate"])
+
+
+@pytest.mark.gpu
+def test_experiments_run_on_the_gpu_path_and_agree_with_the_cpu(tmp_path):
+    """``--device gpu`` trains on CuPy arrays (the strict stand-in in ``make test``); the
+    records match the CPU's (exactly under the stand-in, to float32 sums on a GPU)."""
+    from minisam.backend import gpu_available
+    if not gpu_available():
+        pytest.skip("needs CuPy and a GPU")
+    cp = pytest.importorskip("cupy")
+    exact = hasattr(cp, "standin")
+    recs = {}
+    for device in ("cpu", "gpu"):
+        for name in ("label-noise", "hessian"):
+            out = str(tmp_path / device / name)
+            assert main(["experiment", name, "--quick", "--epochs", "1", "--device", device,
+                         "--out", out, "--no-progress"]) == 0
+            with open(os.path.join(out, f"{name}.json")) as f:
+                recs[device, name] = json.load(f)
+    assert recs["gpu", "label-noise"]["device"] == "gpu"
+    cmp = (lambda a, b: a == b) if exact else (lambda a, b: a == pytest.approx(b, abs=0.02))
+    for m in ("SGD", "SAM", "Bootstrap + SAM"):
+        a, b = (recs[d, "label-noise"]["rows"][0][m]["test_acc"] for d in ("gpu", "cpu"))
+        assert cmp(a, b), (m, a, b)
+    a, b = (recs[d, "hessian"]["runs"]["SAM"]["epochs"][-1]["eigenvalues"] for d in ("gpu", "cpu"))
+    assert a == (b if exact else pytest.approx(b, rel=0.05))
