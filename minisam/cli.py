@@ -228,9 +228,15 @@ def cmd_experiment(args) -> int:
     if args.rho <= 0:
         raise UserError(f"--rho must be > 0 (SAM's radius), got {args.rho}")
     out = args.out or os.path.join("runs", f"experiment-{args.name}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.data_dir and args.dataset == "digits":
+        raise UserError("--data-dir is for CIFAR; the digits are embedded (add --dataset "
+                        "cifar10 or cifar100)")
     rec = run(args.name, out, quick=args.quick, rho=args.rho, batch_norm=args.batch_norm,
               epochs=args.epochs, device=args.device, seed=args.seed, fair_sgd=args.fair_sgd,
-              progress=not args.no_progress)
+              dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+              batch_size=args.batch_size, progress=not args.no_progress)
     if rec.get("table"):
         print(rec["table"])
     print(f"{args.name}: {rec['seconds']:.0f} s; wrote {os.path.join(out, args.name + '.json')} "
@@ -240,10 +246,12 @@ def cmd_experiment(args) -> int:
 
 def _experiment_parser(sub):
     from .experiments import EXPERIMENTS
+    from .experiments.common import DATASETS as EXPERIMENT_DATASETS
     from .experiments.common import FAIR_SGD
     e = sub.add_parser(
         "experiment", help="one of the SAM paper's experiments in miniature, with its figure",
         description="Run an experiment of the SAM paper in miniature on the embedded digits "
+                    "(or on CIFAR with --dataset, the same settings at 32x32) "
                     "and write NAME.json (every number it plots) and NAME.png. hessian: SGD "
                     "and SAM from the same start, the top 5 Hessian eigenvalues (Lanczos) every "
                     "2 epochs, lambda_max and lambda_max / lambda_5 (sec. 4.2, Fig. 3 left). "
@@ -259,6 +267,14 @@ def _experiment_parser(sub):
     e.add_argument("--quick", action="store_true",
                    help="a smaller model, image size and budget: seconds, for tests")
     e.add_argument("--epochs", type=int, help="training epochs (default: the experiment's)")
+    e.add_argument("--dataset", choices=EXPERIMENT_DATASETS, default="digits",
+                   help="digits (embedded, default) or CIFAR at 32x32 from --data-dir or "
+                        "tensorflow-datasets; give a GPU, a larger --model and more --epochs")
+    e.add_argument("--data-dir", metavar="DIR", help="CIFAR: the folder holding "
+                   "cifar-10-python.tar.gz / cifar-100-python.tar.gz (or tfds' data_dir)")
+    e.add_argument("--model", metavar="NAME", help="a WideResnet, wrnDEPTH_WIDTH (e.g. "
+                   "wrn16_4); default: the experiment's (wrn10_1 or wrn10_2)")
+    e.add_argument("--batch-size", type=int, help="default: the experiment's")
     e.add_argument("--rho", type=float, default=0.05,
                    help="hessian: SAM's rho (default 0.05); m-sharpness and label-noise "
                         "train a grid of rho")

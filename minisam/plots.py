@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .experiments.common import data_label
 from .rundir import read_config, read_metrics
 
 
@@ -168,7 +169,7 @@ def plot_hessian(record: dict, out: str) -> str:
         ax.legend(fontsize=8)
     bn = "with batch norm" if record["batch_norm"] else "without batch norm"
     st = record["settings"]
-    fig.suptitle(f"Hessian of the training loss, {st['model']} {bn} on digits "
+    fig.suptitle(f"Hessian of the training loss, {st['model']} {bn} on {data_label(st)} "
                  f"({record['runs']['SGD']['epochs'][0]['hvps']} Lanczos steps on "
                  f"{st['examples']} training images, float64)" + (" [quick]" if record["quick"]
                                                                    else ""), fontsize=10)
@@ -210,7 +211,7 @@ def plot_m_sharpness(record: dict, out: str) -> str:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"m-sharpness, {st['model']} on {st['image_size']}x{st['image_size']} digits, "
+    fig.suptitle(f"m-sharpness, {st['model']} on {data_label(st)}, "
                  f"{len(record['models'])} models, {st['epochs']} epochs each"
                  + (" [quick]" if record["quick"] else ""), fontsize=10)
     fig.tight_layout()
@@ -235,7 +236,7 @@ def plot_label_noise(record: dict, out: str) -> str:
         color, style = styles[m]
         axes[1].plot([100 * r for r in paper["rates"]], paper[m], style, color=color, label=m)
     st = record["settings"]
-    axes[0].set(title=f"minisam: {st['model']}, {st['image_size']}x{st['image_size']} digits, "
+    axes[0].set(title=f"minisam: {st['model']}, {data_label(st)}, "
                       f"{st['epochs']} epochs" + (" [quick]" if record["quick"] else ""),
                 xlabel="label noise (%)", ylabel="clean test accuracy (%)")
     axes[1].set(title="the paper's Table 4: ResNet-32, CIFAR-10, 200 epochs",

@@ -137,6 +137,10 @@ def test_archive_validation_split(tmp_path):
 def test_archive_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*cifar-10-python.tar.gz"):
         load_dataset("cifar10", data_dir=tmp_path / "nope", source="archive")
+    # "auto" too: a folder that does not exist is a typo, not somewhere for tfds to download to
+    with pytest.raises(FileNotFoundError, match="does not exist.*cifar-10-python.tar.gz"):
+        load_dataset("cifar10", data_dir=tmp_path / "nope", source="auto")
+    assert not (tmp_path / "nope").exists()
     make_cifar(tmp_path, "cifar10", per_member=1, extracted=True)
     # A CIFAR-10 folder is the wrong folder for CIFAR-100.
     with pytest.raises(FileNotFoundError, match="cifar-100-python.tar.gz nor cifar-100-python/"):

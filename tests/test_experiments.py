@@ -172,3 +172,28 @@ def test_experiments_run_on_the_gpu_path_and_agree_with_the_cpu(tmp_path):
         assert cmp(a, b), (m, a, b)
     a, b = (recs[d, "hessian"]["runs"]["SAM"]["epochs"][-1]["eigenvalues"] for d in ("gpu", "cpu"))
     assert a == (b if exact else pytest.approx(b, rel=0.05))
+
+
+def test_experiments_take_cifar_with_a_flag(tmp_path, capsys):
+    """``--dataset cifar10 --data-dir DIR``: the same experiments at 32x32 from a (fake)
+    archive in the real format, with --model and --batch-size overriding the setting."""
+    from .test_cli import write_cifar10_archive
+    write_cifar10_archive(str(tmp_path), per_member=16)   # 80 training, 16 test images
+    for name in ("hessian", "m-sharpness", "label-noise"):
+        out = str(tmp_path / name)
+        assert main(["experiment", name, "--quick", "--epochs", "1", "--dataset", "cifar10",
+                     "--data-dir", str(tmp_path), "--model", "wrn10_1", "--batch-size", "32",
+                     "--out", out, "--no-progress"]) == 0, capsys.readouterr().err
+        with open(os.path.join(out, f"{name}.json")) as f:
+            rec = json.load(f)
+        st = rec["settings"]
+        assert (st["dataset"], st["image_size"], st["model"], st["batch_size"], st["epochs"]) \
+            == ("cifar10", None, "wrn10_1", 32, 1)
+        assert os.path.getsize(os.path.join(out, f"{name}.png")) > 10_000
+    assert rec["num_train"] + rec["num_validation"] == 80 and rec["num_test"] == 16
+    assert "minisam, CIFAR-10" in rec["table"]
+    assert main(["experiment", "hessian", "--data-dir", str(tmp_path)]) == 2
+    assert "--data-dir is for CIFAR" in capsys.readouterr().err
+    assert main(["experiment", "hessian", "--dataset", "cifar10", "--data-dir",
+                 str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -55,7 +55,8 @@ def load_cifar_uint8(name: str, data_dir=None, source: str = "auto"):
     """((train_images, train_labels), (test_images, test_labels)); uint8 NHWC, int32.
 
     source "auto" reads the archive when `find_archive` finds one in `data_dir`
-    and falls back to tensorflow-datasets otherwise.
+    and falls back to tensorflow-datasets otherwise; a `data_dir` that does not exist is
+    an error (most likely a typo), not a folder for tfds to download into.
     """
     if name not in _LAYOUT:
         raise ValueError(f"unknown CIFAR dataset {name!r}; expected one of {tuple(_LAYOUT)}")
@@ -67,6 +68,8 @@ def load_cifar_uint8(name: str, data_dir=None, source: str = "auto"):
             raise FileNotFoundError(_not_found_message(name, data_dir))
         return read_archive(name, path)
     if source == "auto":
+        if data_dir is not None and not Path(data_dir).expanduser().exists():
+            raise FileNotFoundError(_not_found_message(name, data_dir))  # a typo, not a download
         path = find_archive(name, data_dir) if data_dir is not None else None
         if path is not None:
             return read_archive(name, path)

@@ -2,7 +2,10 @@
 
 Each ``run(out_dir, quick=..., ...)`` trains what it needs, measures, writes
 ``NAME.json`` (every number it plots) and ``NAME.png`` into ``out_dir``, and returns the
-record. ``quick`` is the setting the tests use (seconds, not minutes).
+record. ``quick`` is the setting the tests use (seconds, not minutes). Each runs on the
+embedded digits by default; ``dataset="cifar10"`` or ``"cifar100"`` (with ``data_dir``,
+``model``, ``epochs``, ``batch_size``) runs the same experiment at CIFAR's 32x32
+(``common.settings``).
 """
 from __future__ import annotations
 

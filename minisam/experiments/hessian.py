@@ -29,7 +29,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..sharpness import BatchLoss, lanczos
 from ..train import Trainer
-from .common import float64_weights, save, sgd_epochs
+from .common import float64_weights, save, settings, sgd_epochs, train_config
 
 FULL = dict(epochs=10, batch_size=32, lr=0.1, image_size=16, model="wrn10_2", examples=128,
             iters=20, every=2)
@@ -55,21 +55,20 @@ def measure(trainer: Trainer, examples: int, iters: int, seed: int = 0) -> dict:
 
 def run(out_dir: str, *, quick: bool = False, rho: float = 0.05, batch_norm: bool = False,
         epochs: int | None = None, device: str = "cpu", seed: int = 0,
-        fair_sgd: bool = False, progress: bool = True) -> dict:
+        fair_sgd: bool = False, progress: bool = True, dataset="digits", data_dir=None,
+        model=None, batch_size=None) -> dict:
     """Train SGD and SAM, measure every ``every`` epochs and at the end, write hessian.json
     and hessian.png. ``fair_sgd``: also SGD for twice the epochs ("SGD, 2x epochs")."""
-    s = dict(QUICK if quick else FULL)
-    if epochs is not None:
-        s["epochs"] = int(epochs)
+    s = settings(FULL, QUICK, quick=quick, epochs=epochs, dataset=dataset, data_dir=data_dir,
+                 model=model, batch_size=batch_size)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     runs = {}
     budgets = [("SGD" if e == s["epochs"] else "SGD, 2x epochs", 0.0, e)
                for e in sgd_epochs(s["epochs"], fair_sgd)]
     for name, r, n_epochs in [budgets[0], ("SAM", rho, s["epochs"]), *budgets[1:]]:
-        cfg = TrainConfig(dataset="digits", image_size=s["image_size"], model=s["model"],
-                          epochs=n_epochs, batch_size=s["batch_size"], lr=s["lr"], rho=r,
-                          batch_norm=batch_norm, seed=seed, device=device)
+        cfg = TrainConfig(**train_config(s, epochs=n_epochs, lr=s["lr"], rho=r,
+                                         batch_norm=batch_norm, seed=seed, device=device))
         trainer = Trainer(cfg, None, progress=False, max_steps=0)
         rows, spe = [], trainer.steps_per_epoch
         for epoch in range(1, n_epochs + 1):
@@ -90,7 +89,7 @@ def run(out_dir: str, *, quick: bool = False, rho: float = 0.05, batch_norm: boo
         trainer.close()
         runs[name] = {"rho": r, "epochs": rows}
     record = {"experiment": "hessian", "quick": quick, "batch_norm": batch_norm,
-              "dataset": "digits", "settings": s, "k": K, "device": device, "seed": seed,
+              "dataset": s["dataset"], "settings": s, "k": K, "device": device, "seed": seed,
               "fair_sgd": fair_sgd,
               "runs": runs, "seconds": round(time.time() - t0, 1),
               "paper": "WRN-40-10 without BN on CIFAR-10 (Foret et al. 2021, sec. 4.2, Fig. 3 "

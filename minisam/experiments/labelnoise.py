@@ -35,7 +35,7 @@ from ..config import TrainConfig
 from ..data import Loader, load_dataset
 from ..sam import eval_step
 from ..train import Trainer
-from .common import save, sgd_epochs
+from .common import data_label, save, settings, sgd_epochs, train_config
 
 FULL = dict(rates=(0.2, 0.4, 0.6, 0.8), rhos=(0.05, 0.1, 0.2), epochs=20, batch_size=64,
             image_size=8, model="wrn10_1", lr=0.1)
@@ -93,18 +93,17 @@ def train(cfg: TrainConfig, train_set, val, test, per_epoch: bool = False) -> di
 
 
 def run(out_dir: str, *, quick: bool = False, epochs: int | None = None, device: str = "cpu",
-        seed: int = 0, fair_sgd: bool = False, progress: bool = True, **_ignored) -> dict:
+        seed: int = 0, fair_sgd: bool = False, progress: bool = True, dataset="digits",
+        data_dir=None, model=None, batch_size=None, **_ignored) -> dict:
     """Train every method at every noise rate, write label-noise.json and label-noise.png."""
-    s = dict(QUICK if quick else FULL)
-    if epochs is not None:
-        s["epochs"] = int(epochs)
+    s = settings(FULL, QUICK, quick=quick, epochs=epochs, dataset=dataset, data_dir=data_dir,
+                 model=model, batch_size=batch_size)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    clean, val = load_dataset("digits", image_size=s["image_size"], validation=True)
-    _, test = load_dataset("digits", image_size=s["image_size"])
-    base = dict(dataset="digits", image_size=s["image_size"], model=s["model"],
-                batch_size=s["batch_size"], lr=s["lr"], epochs=s["epochs"], crop=0, seed=seed,
-                device=device)
+    where = dict(data_dir=s["data_dir"], image_size=s["image_size"])
+    clean, val = load_dataset(s["dataset"], validation=True, **where)
+    _, test = load_dataset(s["dataset"], **where)
+    base = train_config(s, lr=s["lr"], epochs=s["epochs"], crop=0, seed=seed, device=device)
     rows = []
     for rate in s["rates"]:
         noisy = clean.with_label_noise(rate, seed=seed)   # what the Trainer draws too
@@ -148,13 +147,14 @@ def run(out_dir: str, *, quick: bool = False, epochs: int | None = None, device:
 def table(record: dict) -> str:
     """The miniature's test accuracies beside the paper's Table 4, as text."""
     paper = dict(zip(PAPER_TABLE4["rates"], range(len(PAPER_TABLE4["rates"]))))
-    lines = [f"{'noise':>6} {'method':<20} {'minisam, digits':>16} {'paper (CIFAR-10)':>17}"]
+    ours = f"minisam, {data_label(record['settings'])}"
+    lines = [f"{'noise':>6} {'method':<20} {ours:>20} {'paper (CIFAR-10)':>17}"]
     for row in record["rows"]:
         for m in METHODS:
             i = paper.get(row["rate"])
             ref = PAPER_TABLE4.get(m)
-            ours = f"{100 * row[m]['test_acc']:.1f}"
-            lines.append(f"{row['rate']:>6.0%} {m:<20} {ours:>16} "
+            mine = f"{100 * row[m]['test_acc']:.1f}"
+            lines.append(f"{row['rate']:>6.0%} {m:<20} {mine:>20} "
                          f"{(f'{ref[i]:.1f}' if ref and i is not None else '-'):>17}")
     lines.append(f"test accuracy (%); the paper's column: {PAPER_NOTE}")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from ..config import TrainConfig
 from ..evaluate import evaluate
 from ..sharpness import m_sharpness
 from ..train import Trainer
-from .common import float64_weights, save, sgd_epochs
+from .common import float64_weights, save, settings, sgd_epochs, train_config
 
 FULL = dict(ms=(4, 16, 64), rhos=(0.0, 0.05, 0.1, 0.2), seeds=(0, 1), epochs=6,
             batch_size=64, image_size=8, model="wrn10_1", examples=256, ascent_steps=5,
@@ -53,13 +53,13 @@ def spearman(a, b) -> float:
 
 
 def run(out_dir: str, *, quick: bool = False, epochs: int | None = None, device: str = "cpu",
-        seed: int = 0, fair_sgd: bool = False, progress: bool = True, **_ignored) -> dict:
+        seed: int = 0, fair_sgd: bool = False, progress: bool = True, dataset="digits",
+        data_dir=None, model=None, batch_size=None, **_ignored) -> dict:
     """Train the grid, measure, write m-sharpness.json and m-sharpness.png. ``fair_sgd``:
     the SGD models also train for twice the epochs, and the figure's SGD point is the
     better of the two budgets (every model counts in the correlations)."""
-    s = dict(QUICK if quick else FULL)
-    if epochs is not None:
-        s["epochs"] = int(epochs)
+    s = settings(FULL, QUICK, quick=quick, epochs=epochs, dataset=dataset, data_dir=data_dir,
+                 model=model, batch_size=batch_size)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     models = []
@@ -67,10 +67,9 @@ def run(out_dir: str, *, quick: bool = False, epochs: int | None = None, device:
             for e in (sgd_epochs(s["epochs"], fair_sgd) if rho == 0 else (s["epochs"],))
             if rho > 0 or m == s["ms"][-1]]   # SGD does not depend on m: once per seed
     for sd, m, rho, n_epochs in grid:
-        cfg = TrainConfig(dataset="digits", image_size=s["image_size"], model=s["model"],
-                          epochs=n_epochs, batch_size=s["batch_size"], rho=rho,
-                          micro_batch=m if rho > 0 and m < s["batch_size"] else 0,
-                          seed=seed + sd, device=device)
+        cfg = TrainConfig(**train_config(
+            s, epochs=n_epochs, rho=rho, micro_batch=m if rho > 0 and m < s["batch_size"] else 0,
+            seed=seed + sd, device=device))
         t = Trainer(cfg, None, progress=False)
         t.fit()
         train = evaluate(t.replicas, t.models, t.params, t.eval_state(), t.clean_train,
