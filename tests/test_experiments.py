@@ -66,6 +66,8 @@ def test_bad_experiment_arguments_are_one_line(capsys):
     assert "--epochs must be >= 1" in capsys.readouterr().err
     assert main(["experiment", "hessian", "--rho", "0"]) == 2
     assert "--rho must be > 0" in capsys.readouterr().err
+    assert main(["experiment", "label-noise", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["experiment", "noise"])
     assert "invalid choice" in capsys.readouterr().err
