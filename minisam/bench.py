@@ -25,6 +25,7 @@ from .backend import set_tf32, to_device, xp_for
 from .models import wide_resnet
 from .optim import nesterov_init
 from .sam import SAMConfig, train_step
+from .tree import flat_tree
 
 
 def device_name(device: str) -> str:
@@ -138,7 +139,7 @@ def bench(model="wrn16_4", batch_size=32, device="cpu", warmup=2, steps=10, num_
     rng = np.random.default_rng(seed)
     x = to_device(rng.standard_normal((batch_size, 32, 32, 3)).astype(np.float32), device)
     y = to_device(rng.integers(0, num_classes, batch_size).astype(np.int32), device)
-    params = {k: to_device(v, device) for k, v in net.get_params().items()}
+    params = flat_tree({k: to_device(v, device) for k, v in net.get_params().items()})
     state = {k: to_device(v, device) for k, v in net.get_state().items()}
     net.set_params(params)
     net.set_state(state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from .backend import get_xp
-from .tree import global_norm
+from .tree import global_norm, tree_map
 
 __all__ = ["clip_by_global_norm", "constant_schedule", "cosine_schedule", "global_norm",
            "momentum_update", "nesterov_init", "nesterov_update"]
@@ -23,20 +23,20 @@ def clip_by_global_norm(grads: dict, max_norm: float):
         return grads, norm
     xp = get_xp(norm)
     keep = norm < max_norm  # stays on the device: no host sync, like jnp.where in the JAX code
-    return {k: xp.where(keep, g, g / norm * max_norm) for k, g in grads.items()}, norm
+    return tree_map(lambda g: xp.where(keep, g, g / norm * max_norm), grads), norm
 
 
 def nesterov_init(params: dict) -> dict:
-    """Momentum buffers, zero, one per parameter."""
-    return {k: get_xp(v).zeros_like(v) for k, v in params.items()}
+    """Momentum buffers, zero, one per parameter (one buffer if ``params`` is a FlatTree)."""
+    return tree_map(lambda v: get_xp(v).zeros_like(v), params)
 
 
 def nesterov_update(params: dict, grads: dict, momentum: dict, lr, beta=0.9):
     """flax ``Momentum(nesterov=True)``: m <- beta m + g;  w <- w - lr (g + beta m).
 
     Returns (new params, new momentum)."""
-    new_m = {k: beta * momentum[k] + g for k, g in grads.items()}
-    new_p = {k: params[k] - lr * (g + beta * new_m[k]) for k, g in grads.items()}
+    new_m = tree_map(lambda m, g: beta * m + g, momentum, grads)
+    new_p = tree_map(lambda w, g, m: w - lr * (g + beta * m), params, grads, new_m)
     return new_p, new_m
 
 
@@ -45,8 +45,8 @@ def momentum_update(params: dict, grads: dict, momentum: dict, lr, beta=0.9, nes
     it (dampening 0): m <- beta m + g;  w <- w - lr m."""
     if nesterov:
         return nesterov_update(params, grads, momentum, lr, beta)
-    new_m = {k: beta * momentum[k] + g for k, g in grads.items()}
-    return {k: params[k] - lr * new_m[k] for k in grads}, new_m
+    new_m = tree_map(lambda m, g: beta * m + g, momentum, grads)
+    return tree_map(lambda w, m: w - lr * m, params, new_m), new_m
 
 
 def cosine_schedule(base_lr: float, num_epochs: int, steps_per_epoch: int):

@@ -33,7 +33,7 @@ from .models import WideResnet
 from .distributed.local import run_replicas
 from .optim import constant_schedule, cosine_schedule, nesterov_init
 from .sam import SAMConfig, eval_step, train_step
-from .tree import global_norm, mean_in_rank_order
+from .tree import flat_tree, global_norm, mean_in_rank_order
 
 REQUIRED_CONFIG = ("batch_size", "blocks_per_group", "channel_multiplier", "num_outputs",
                    "replicas", "sam_rho", "label_smoothing", "weight_decay",
@@ -350,7 +350,8 @@ def _tree(arrays: dict, prefix: str) -> dict:
 
 
 def _on(tree: dict, device: str, dtype) -> dict:
-    return {k: to_device(v, device, dtype) for k, v in tree.items()}
+    """``tree`` on ``device`` in ``dtype``, as one buffer like the trainer's (tree.FlatTree)."""
+    return flat_tree({k: to_device(v, device, dtype) for k, v in tree.items()})
 
 
 def _trace_keys(t: dict, sam: bool) -> dict:

@@ -28,7 +28,7 @@ from .distributed import group_mean
 from .distributed.local import LocalComm
 from .nn.loss import error_rate, one_hot, softmax_cross_entropy
 from .optim import clip_by_global_norm, momentum_update
-from .tree import global_norm
+from .tree import global_norm, like_tree, sum_of_squares, tree_map
 
 
 WEIGHT_DECAY_IN = ("loss", "optimizer")
@@ -91,11 +91,11 @@ def loss_and_grad(model, params, images, onehot, cfg: SAMConfig):
     logits = model.forward(images, train=True)
     ce, dlogits = softmax_cross_entropy(logits, onehot, cfg.label_smoothing)
     model.backward(dlogits)
+    grads = like_tree(model.get_grads(), params)  # one buffer, as params are (tree.FlatTree)
     if cfg.weight_decay_in != "loss":        # weight decay is the optimizer's (see SAMConfig)
-        return ce, ce, logits, model.get_grads()
-    weight_l2 = sum((w * w).sum() for w in params.values())
-    loss = ce + cfg.weight_decay * 0.5 * weight_l2
-    grads = {k: g + cfg.weight_decay * params[k] for k, g in model.get_grads().items()}
+        return ce, ce, logits, grads
+    loss = ce + cfg.weight_decay * 0.5 * sum_of_squares(params)
+    grads = tree_map(lambda g, w: g + cfg.weight_decay * w, grads, params)
     return loss, ce, logits, grads
 
 
@@ -106,19 +106,19 @@ def dual_vector(g: dict, eps: float = 0.0):
     Returns (direction, ||g||)."""
     norm = global_norm(g)
     scale = norm + eps if eps else norm
-    return {k: v / scale for k, v in g.items()}, norm
+    return tree_map(lambda v: v / scale, g), norm
 
 
 def adaptive_scale(params: dict, cfg: SAMConfig) -> dict:
     """ASAM's normalisation operator T_w (Kwon et al., ICML 2021), elementwise, per key:
     ``"davda54"``: |w| on every parameter, no eta (davda54/sam ``adaptive=True``);
     ``"asam"``: |w| + eta on the parameters PyTorch names ``weight`` (conv and dense
-    kernels, BN scales), None (that is, 1) on biases (SamsungLabs/ASAM
-    ``ASAM.ascent_step``)."""
+    kernels, BN scales), 1 (no scaling) on biases (SamsungLabs/ASAM ``ASAM.ascent_step``).
+    Packed like ``params`` (one buffer if they are a FlatTree)."""
     if cfg.adaptive == "davda54":
-        return {k: abs(w) for k, w in params.items()}
-    return {k: abs(w) + cfg.asam_eta if not k.endswith("/bias") else None
-            for k, w in params.items()}
+        return tree_map(abs, params)
+    return like_tree({k: abs(w) + cfg.asam_eta if not k.endswith("/bias") else w * 0 + 1
+                      for k, w in params.items()}, params)
 
 
 def perturbation(g: dict, params: dict, cfg: SAMConfig):
@@ -128,11 +128,10 @@ def perturbation(g: dict, params: dict, cfg: SAMConfig):
     Returns (e, the norm before any epsilon)."""
     if cfg.adaptive == "none":
         direction, norm = dual_vector(g, cfg.norm_eps)
-        return {k: cfg.rho * d for k, d in direction.items()}, norm
+        return tree_map(lambda d: cfg.rho * d, direction), norm
     t = adaptive_scale(params, cfg)
-    tg = {k: v if t[k] is None else t[k] * v for k, v in g.items()}
-    unit, norm = dual_vector(tg, cfg.norm_eps)
-    return {k: cfg.rho * (u if t[k] is None else t[k] * u) for k, u in unit.items()}, norm
+    unit, norm = dual_vector(tree_map(lambda tk, v: tk * v, t, g), cfg.norm_eps)
+    return tree_map(lambda tk, u: cfg.rho * (tk * u), t, unit), norm
 
 
 def sam_gradient(model, params, state, images, labels, cfg: SAMConfig, comm=LocalComm(),
@@ -150,13 +149,13 @@ def sam_gradient(model, params, state, images, labels, cfg: SAMConfig, comm=Loca
     if cfg.rho > 0:
         g = group_mean(comm, grad, cfg.inner_group_size) if cfg.sync_perturbations else grad
         e, g_norm = perturbation(g, params, cfg)                                  # 2. e
-        perturbed = {k: w + e[k] for k, w in params.items()}
+        perturbed = tree_map(lambda w, ek: w + ek, params, e)
         loss_p, ce, logits, grad = loss_and_grad(model, perturbed, images, onehot, cfg)  # 3.
         if cfg.perturbed_bn_stats == "update":
             new_state = model.get_state()             # keep the perturbed pass's BN stats
         model.set_state(new_state)                    # JAX: drop them
         if cfg.restore == "subtract":                 # w + e - e, in float32
-            params = {k: w - e[k] for k, w in perturbed.items()}
+            params = tree_map(lambda w, ek: w - ek, perturbed, e)
         if trace is not None:
             trace.update(grad_for_perturbation_norm=g_norm, perturbation=e,
                          perturbed_loss=loss_p, perturbed_cross_entropy=ce,
@@ -179,7 +178,7 @@ def descent(params, momentum, grad, lr, cfg: SAMConfig, comm=LocalComm(), trace=
     if trace is not None:
         trace.update(grad_clipped=grad)
     if cfg.weight_decay_in == "optimizer":
-        grad = {k: v + cfg.weight_decay * params[k] for k, v in grad.items()}
+        grad = tree_map(lambda g, w: g + cfg.weight_decay * w, grad, params)
     params, momentum = momentum_update(params, grad, momentum, lr, cfg.momentum, cfg.nesterov)
     return params, momentum, grad
 

@@ -6,9 +6,8 @@ Mirrors sam_jax ``flax_training.train`` / ``train_for_one_epoch`` / ``eval_on_da
   steps_per_epoch = floor(num_train / global_batch) (the remainder is dropped);
 * each step is ``sam.train_step`` (or a variant: ``config.step_function``) on every
   replica's slice of the global batch, each replica with its own model instance and its
-  own BN running statistics, exactly like
-  ``jax.pmap`` replicas. Where the replicas run (this thread, R threads, one process per
-  GPU) is decided once, in a ``distributed.Replicas``; the loop below never asks;
+  own BN running statistics, exactly like ``jax.pmap`` replicas. Where the replicas run
+  (this thread, R threads, one GPU each) is decided once, in a ``distributed.Replicas``;
 * after every epoch the test set is evaluated with ``sam.eval_step`` using the BN state
   averaged over replicas (the JAX ``eval_step`` pmeans the state) and the parameters (all
   replicas hold the same ones);
@@ -52,6 +51,7 @@ from .evaluate import evaluate
 from .distributed.replicas import Replicas
 from .models import wide_resnet
 from .optim import nesterov_init
+from .tree import flat_tree
 
 # Per-step metrics of sam.train_step, moved to the host together once per step.
 STEP_METRICS = ("train_loss", "train_error_rate", "gradient_norm", "param_norm")
@@ -186,7 +186,6 @@ class Trainer:
         self.params = tree_to_device(self.models[0].get_params(), config.device)
         self.states = [tree_to_device(self.models[0].get_state(), config.device)
                        for _ in self.replicas.ranks]
-        self.momentum = nesterov_init(self.params)
         self.step = self.epoch = self.step_in_epoch = 0
         self._stop_by = None    # the signal that stops training, once every process knows
         self._sums = self._zero_sums()
@@ -195,7 +194,8 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         else:
-            self.params = self.replicas.comm.broadcast(self.params, 0)  # everyone from rank 0's
+            self.params = flat_tree(self.replicas.comm.broadcast(self.params, 0))  # rank 0's
+            self.momentum = nesterov_init(self.params)
             if out_dir is not None and self.replicas.main:
                 if resume:
                     rundir.rewind(out_dir, 0)
@@ -225,8 +225,8 @@ class Trainer:
         for state in [ck.state, *ck.replica_states]:   # one-line error names what does not)
             self.models[0].set_state(state)
         dev = self.cfg.device
-        self.params = tree_to_device(ck.params, dev)
-        self.momentum = tree_to_device(ck.momentum, dev)
+        self.params = flat_tree(tree_to_device(ck.params, dev))
+        self.momentum = flat_tree(tree_to_device(ck.momentum, dev), like=self.params)
         if len(ck.replica_states) == self.replicas.size:   # every replica's own BN state
             self.states = [tree_to_device(ck.replica_states[r], dev) for r in self.replicas.ranks]
         else:  # e.g. one process per GPU: every replica restarts from the mean (as in JAX)

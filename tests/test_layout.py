@@ -108,7 +108,7 @@ def test_the_sam_step_reaches_no_multi_process_code():
     loaded = loaded_after_import("minisam.sam")
     assert "minisam.sam" in loaded and "minisam.distributed.local" in loaded
     multi = {"minisam.distributed.nccl", "minisam.distributed.rendezvous",
-             "minisam.distributed.launch", "minisam.distributed.flat", "minisam.train",
+             "minisam.distributed.launch", "minisam.train",
              "minisam.rundir", "minisam.data"}
     assert not loaded & multi, loaded & multi
 

@@ -23,7 +23,7 @@ import pytest
 
 from minisam.backend import gpu_available
 from minisam.distributed import comm_from_env
-from minisam.distributed.flat import flatten, plan_layout, unflatten
+from minisam.flat import flatten, plan_layout, unflatten
 from minisam.distributed.launch import launch, main as launch_main
 from minisam.distributed.local import LocalComm, run_replicas
 from minisam.distributed.nccl import (NcclComm, _make_communicator, encode_unique_id,
@@ -844,3 +844,22 @@ def test_store_refuses_a_wrong_token_and_oversized_requests_in_one_line(capfd):
     assert "Traceback" not in err and len(lines) == 3, err
     assert "a wrong token" in lines[0] and "before the hello" in lines[1]
     assert "a value of 1099511627776 bytes" in lines[2]
+
+
+def test_nccl_comm_reduces_a_flat_tree_in_its_own_buffer_without_packing(monkeypatch):
+    import minisam.distributed.nccl as nccl_mod
+    from minisam.tree import FlatTree, flat_tree
+
+    trees = [tree(seed=r) for r in range(2)]
+    plain, errors = run_nccl_ranks(2, lambda r, comm: comm.allreduce_mean(trees[r]))
+    assert errors == [None, None]
+
+    def no_packing(*a, **k):
+        raise AssertionError("a FlatTree was packed again")
+    monkeypatch.setattr(nccl_mod, "flatten", no_packing)
+    flat, errors = run_nccl_ranks(2, lambda r, comm: comm.allreduce_mean(flat_tree(trees[r])))
+    assert errors == [None, None]
+    for r in range(2):
+        assert isinstance(flat[r], FlatTree) and list(flat[r]) == list(trees[0])
+        for k in trees[0]:
+            np.testing.assert_array_equal(flat[r][k], plain[r][k])

@@ -82,7 +82,7 @@ import matplotlib.pyplot as plt
 
 from minisam.config import TrainConfig
 from minisam.data import load_dataset
-from minisam.distributed.flat import flatten, plan_layout, unflatten
+from minisam.flat import flatten, plan_layout, unflatten
 from minisam.distributed.local import run_replicas
 from minisam.models import WideResnet, wide_resnet
 from minisam.optim import cosine_schedule, global_norm, nesterov_init

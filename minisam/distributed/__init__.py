@@ -7,7 +7,6 @@ A tree is a flat dict of arrays (parameters, gradients, BN state).
 
 * ``local``: ``LocalComm`` (one replica), ``ThreadComm`` (N replicas as threads of one
   process, on the CPU), ``ReplicaThreads`` / ``run_replicas`` (run a function on them);
-* ``flat``: packing a tree into a few contiguous buffers (one NCCL call per buffer);
 * ``nccl``: ``NcclComm``, one process per GPU over NCCL;
 * ``rendezvous``: the TCP store through which the processes of a job find each other;
 * ``launch``: ``python -m minisam.launch``, one process per GPU;

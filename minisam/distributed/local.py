@@ -17,7 +17,7 @@ import queue
 import threading
 
 from ..backend import thread_context
-from ..tree import mean_in_rank_order
+from ..tree import FlatTree, mean_in_rank_order, same_layout
 
 
 class LocalComm:
@@ -78,7 +78,10 @@ class _ThreadRank:
     def allreduce_mean(self, tree: dict) -> dict:
         """Mean over replicas, summed in rank order so that every replica gets the same bits."""
         trees = self._exchange(tree)
-        out = mean_in_rank_order([{k: t[k] for k in tree} for t in trees])
+        if same_layout(tree, *trees):      # one buffer each: sum the buffers
+            out = FlatTree.over(mean_in_rank_order(trees).flat, tree)
+        else:
+            out = mean_in_rank_order([{k: t[k] for k in tree} for t in trees])
         self.barrier()                     # nobody overwrites a slot still being read
         return out
 

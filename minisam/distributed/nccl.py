@@ -10,8 +10,9 @@ import os
 import numpy as np
 
 from ..backend import to_numpy
+from ..tree import FlatTree
 from .env import rank_info
-from .flat import FlatLayout, flatten, layout_signature, plan_layout, unflatten
+from ..flat import FlatLayout, flatten, layout_signature, plan_layout, unflatten
 
 NCCL_UNIQUE_ID_BYTES = 128
 
@@ -207,7 +208,10 @@ class NcclComm:
         xp, nccl = self.xp, self.nccl
         layout, send = self._layout(tree)
         stream = self._stream_ptr()   # first: a switched-from stream may still read `send`
-        flatten(tree, layout, xp, out=send)
+        if isinstance(tree, FlatTree) and tree.layout == layout:
+            send = [tree.flat]        # already one buffer in this layout: no packing
+        else:
+            flatten(tree, layout, xp, out=send)
         recv = []
         for buf, b in zip(send, layout.buckets):
             out = xp.empty(b.size, dtype=b.dtype)
@@ -215,6 +219,8 @@ class NcclComm:
                                 nccl.NCCL_SUM, stream)
             out /= self.size
             recv.append(out)
+        if isinstance(tree, FlatTree) and len(recv) == 1:
+            return FlatTree.build(recv[0], layout, tree.keys())
         views = unflatten(recv, layout)
         return {k: views[k] for k in tree}
 

@@ -1,8 +1,12 @@
-"""Flat buffers: one NCCL call per bucket instead of one per array.
+"""Flat buffers: where each array of a tree lives inside a few contiguous buffers.
 
-A WRN-28-10 has ~100 parameter arrays; one all-reduce each would pay NCCL's launch latency
-~100 times. Instead the dict is packed into a few contiguous buffers. The packing is pure
-array code (``xp`` is NumPy or CuPy), so it is tested on the CPU.
+Two users. ``tree.FlatTree`` keeps parameters, gradients and momentum as views into one
+buffer (``plan_layout`` with no bucket size), so the optimizer's elementwise maths is one
+array operation per step instead of one per array. ``distributed.nccl`` all-reduces a tree
+with one NCCL call per bucket instead of one per array: a WRN-28-10 has ~100 parameter
+arrays, and one all-reduce each would pay NCCL's launch latency ~100 times (a FlatTree is
+sent as it is, with no packing). The packing is pure array code (``xp`` is NumPy or CuPy),
+so it is tested on the CPU.
 """
 from __future__ import annotations
 
