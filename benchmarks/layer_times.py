@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minisam.models.wide_resnet import wide_resnet  # noqa: E402
 from minisam.optim import nesterov_init  # noqa: E402
 from minisam.sam import SAMConfig, train_step  # noqa: E402
+from minisam.tree import flat_tree  # noqa: E402
 
 
 def instrument(model, totals):
@@ -53,7 +54,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     model = wide_resnet(args.model)
-    params, state = model.get_params(), model.get_state()
+    params, state = flat_tree(model.get_params()), model.get_state()   # as the trainer
     momentum = nesterov_init(params)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch_size, 32, 32, 3)).astype(np.float32)

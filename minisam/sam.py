@@ -24,6 +24,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .backend import get_xp
 from .distributed import group_mean
 from .distributed.local import LocalComm
 from .nn.loss import error_rate, one_hot, softmax_cross_entropy
@@ -117,7 +118,7 @@ def adaptive_scale(params: dict, cfg: SAMConfig) -> dict:
     Packed like ``params`` (one buffer if they are a FlatTree)."""
     if cfg.adaptive == "davda54":
         return tree_map(abs, params)
-    return like_tree({k: abs(w) + cfg.asam_eta if not k.endswith("/bias") else w * 0 + 1
+    return like_tree({k: abs(w) + cfg.asam_eta if not k.endswith("/bias") else get_xp(w).ones_like(w)
                       for k, w in params.items()}, params)
 
 

@@ -49,11 +49,12 @@ def say(label, ms, extra=""):
 def make(name, batch=128):
     from minisam.models import wide_resnet
     from minisam.optim import nesterov_init
+    from minisam.tree import flat_tree
     net = wide_resnet(name)
     rng = np.random.default_rng(0)
     x = cp.asarray(rng.standard_normal((batch, 32, 32, 3)).astype(np.float32))
     y = cp.asarray(rng.integers(0, 10, batch).astype(np.int32))
-    params = {k: cp.asarray(v) for k, v in net.get_params().items()}
+    params = flat_tree({k: cp.asarray(v) for k, v in net.get_params().items()})  # as the trainer
     state = {k: cp.asarray(v) for k, v in net.get_state().items()}
     net.set_params(params)
     net.set_state(state)

@@ -33,12 +33,13 @@ def run(rank, size, comm, sync, steps=2):
     from minisam.models import wide_resnet
     from minisam.optim import nesterov_init
     from minisam.sam import SAMConfig, train_step
+    from minisam.tree import flat_tree
     x, y = problem()
     b = len(x) // size
     xs, ys = cp.asarray(x[rank * b:(rank + 1) * b]), cp.asarray(y[rank * b:(rank + 1) * b])
     # a different init on every rank, so that only comm.broadcast makes them agree
     model = wide_resnet("wrn10_2", num_outputs=10, in_channels=3, seed=rank)
-    params = comm.broadcast({k: cp.asarray(v) for k, v in model.get_params().items()}, 0)
+    params = flat_tree(comm.broadcast({k: cp.asarray(v) for k, v in model.get_params().items()}, 0))
     state = {k: cp.asarray(v) for k, v in model.get_state().items()}
     mom = nesterov_init(params)
     cfg = SAMConfig(rho=0.05, sync_perturbations=sync)
