@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_xp, to_numpy
-from .flat import FlatLayout, plan_layout, unflatten
+from .flat import FlatLayout, flatten, plan_layout, unflatten
 
 
 class FlatTree(dict):
@@ -54,10 +54,7 @@ def flat_tree(tree: dict, like: FlatTree | None = None):
     layout = like.layout if like is not None else plan_layout(tree)
     if len(layout.buckets) != 1:
         return tree
-    (bucket,) = layout.buckets
-    flat = get_xp(*tree.values()).empty(bucket.size, dtype=bucket.dtype)
-    for s in bucket.slots:
-        flat[s.offset:s.offset + s.size] = tree[s.key].reshape(-1)
+    (flat,) = flatten(tree, layout, get_xp(*tree.values()))   # one concatenate
     return FlatTree.build(flat, layout, tree.keys())
 
 
