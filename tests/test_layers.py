@@ -146,6 +146,25 @@ def test_relu_gradient():
     layer_check(ReLU(), x, rng)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_backward_overwriting_dy_gives_the_same_bits(train):
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((4, 5, 5, 6)) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    plain, fast = BatchNorm(6), BatchNorm(6)
+    for bn in (plain, fast):
+        bn.params = {"scale": np.linspace(0.5, 1.5, 6, dtype=np.float32),
+                     "bias": np.linspace(-1, 1, 6, dtype=np.float32)}
+        bn.forward(x, train)
+    dx_ref = plain.backward(dy)
+    dy_own = dy.copy()
+    dx = fast.backward(dy_own, overwrite=True)
+    assert dx is dy_own
+    np.testing.assert_array_equal(dx, dx_ref)
+    for k in ("scale", "bias"):
+        np.testing.assert_array_equal(fast.grads[k], plain.grads[k])
+
+
 @pytest.mark.parametrize("size", [4, 5])
 def test_avg_pool_gradient_and_values(size):
     rng = np.random.default_rng(5)

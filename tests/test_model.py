@@ -1,4 +1,6 @@
 """The whole WideResnet: gradient check, parameter names and counts, bad input."""
+import importlib
+
 import numpy as np
 import pytest
 
@@ -93,3 +95,28 @@ def test_the_bn_free_wide_resnet_has_no_bn_parameters_or_state():
     assert without.get_state() == {} and without.config["batch_norm"] is False
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
     assert without.forward(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_bn_relu_backward_gives_the_bits_of_the_separate_layers(monkeypatch, batch_norm):
+    """Each BatchNorm+ReLU pair's backward computes BN's dx in the ReLU's gradient
+    (wide_resnet.bn_relu_backward); the two layer calls as written must give the same
+    gradients and input gradient, bit for bit, with and without batch norm."""
+    wrn = importlib.import_module("minisam.models.wide_resnet")  # the module, not the function
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
+    y = one_hot(np.array([0, 1, 2, 1]), 3)
+
+    def run():
+        model = WideResnet(1, 2, num_outputs=3, seed=2, batch_norm=batch_norm)
+        logits = model.forward(x, train=True)
+        dx = model.backward(softmax_cross_entropy(logits, y)[1])
+        return dx, model.get_grads()
+
+    fast = run()
+    monkeypatch.setattr(wrn, "bn_relu_backward", lambda bn, relu, d: bn.backward(relu.backward(d)))
+    plain = run()
+    np.testing.assert_array_equal(fast[0], plain[0])
+    assert fast[1].keys() == plain[1].keys()
+    for k in plain[1]:
+        np.testing.assert_array_equal(fast[1][k], plain[1][k], err_msg=k)

@@ -92,8 +92,11 @@ class BatchNorm(Layer):
         y += self.params["bias"]
         return y
 
-    def backward(self, dy):
-        c = dy.shape[-1]
+    def backward(self, dy, overwrite=False):
+        """dL/dx from dL/dy. ``overwrite``: dy is the caller's own fresh array, needed no
+        more, so dx is computed in its memory (and the kept x - mean serves as the scratch
+        for its term): the same values with no full-size allocation."""
+        xp, c = get_xp(dy), dy.shape[-1]
         scale, inv, centred = self.params["scale"], self.inv, self.centred
         self.centred = None
         dy2 = dy.reshape(-1, c)
@@ -101,10 +104,10 @@ class BatchNorm(Layer):
         dscale = channel_dots(dy2, centred.reshape(-1, c)) * inv
         self.grads = {"scale": dscale, "bias": dbias}
         a = scale * inv
-        dx = dy * a
+        dx = xp.multiply(dy, a, out=dy if overwrite else None)
         if not self.train:
             return dx
         m = dy2.shape[0]
-        dx -= centred * (a * inv * dscale / m)
+        dx -= xp.multiply(centred, a * inv * dscale / m, out=centred if overwrite else None)
         dx -= a * dbias / m
         return dx
