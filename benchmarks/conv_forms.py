@@ -13,9 +13,14 @@ script measures them on the CPU it runs on (NumPy and its BLAS), each checked ag
 * ``Winograd F(2x2,3x3)``: 16 GEMMs on 4x4 input tiles (2.25x fewer multiplies), with the
   input and output transforms written as NumPy slice arithmetic
 
-and, for the kernel gradient, ``cols^T @ dy`` against the implicit form's nine GEMMs.
-The winner is decided by the whole conv, transforms and copies included; only
-``im2col (strided view)`` is in the package.
+and, for the kernel gradient, ``cols^T @ dy`` against the implicit form's nine GEMMs; for
+the stride-1 input gradient (a convolution of dy with the flipped kernel), ``Conv``'s own
+pad + im2col + GEMM against the implicit form; and for the activation feeding a conv,
+BatchNorm+ReLU written into a contiguous array and then padded (``Conv``'s pad copy)
+against the same passes written straight into the interior of a zero-bordered buffer.
+The winner is decided by the whole operation, transforms and copies included; only
+``im2col (strided view)``, ``Conv``'s input gradient and the contiguous activation are in
+the package.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/conv_forms.py [--json OUT]
 """
@@ -30,7 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minisam.nn.conv import Conv, im2col, im2col_strided  # noqa: E402
+from minisam.nn.conv import Conv, im2col, im2col_strided, zero_pad  # noqa: E402
 
 SHAPES = [(32, 32, 64, 64), (32, 16, 128, 128), (32, 8, 256, 256)]  # N, H=W, C_in, C_out
 
@@ -158,7 +163,52 @@ def measure(shape):
     row["kernel_grad_ms"] = {
         "cols^T @ dy": round(best_ms(lambda: c.T @ dy.reshape(-1, cout)), 2),
         "implicit (9 GEMMs)": round(best_ms(lambda: imp.kernel_grad(x, dy)), 2)}
+    if cin == cout:
+        dx_ref = conv.backward(dy)
+        flipped = np.ascontiguousarray(k[::-1, ::-1].transpose(0, 1, 3, 2))
+        imp_dx = Implicit(dy, cin)
+        dx_imp = imp_dx.forward(dy, flipped)
+        assert np.abs(dx_imp - dx_ref).max() / np.abs(dx_ref).max() < 1e-5
+        row["input_grad_ms"] = {
+            "pad + im2col + GEMM (Conv)": round(best_ms(lambda: conv._input_grad_as_conv(dy)), 2),
+            "implicit (9 GEMMs)": round(best_ms(lambda: imp_dx.forward(dy, flipped)), 2)}
+    row["bn_relu_into_conv_input_ms"] = bn_relu_output_forms(x)
     return row
+
+
+def bn_relu_output_forms(x):
+    """BatchNorm (train) + ReLU of x, the passes of ``nn.BatchNorm.forward`` and
+    ``nn.ReLU.forward``, then what the next 3x3 conv needs: a zero-bordered copy. Either
+    into a contiguous array and then ``zero_pad`` (as the package does), or with every
+    elementwise pass writing into the interior of a zero-bordered buffer (no pad copy,
+    but strided writes)."""
+    n, h, w, c = x.shape
+    x2 = x.reshape(-1, c)
+    mean = x2.mean(axis=0)
+    var = np.einsum("mc,mc->c", x2, x2) / len(x2) - mean * mean
+    a = (1.0 / np.sqrt(var + 1e-5)).astype(x.dtype)
+    bias = np.linspace(-0.5, 0.5, c, dtype=x.dtype)
+    border = np.zeros((n, h + 2, w + 2, c), x.dtype)
+    inner = border[:, 1:h + 1, 1:w + 1]
+
+    def passes(out):
+        centred = x - mean
+        y = np.multiply(centred, a, out=out)
+        y += bias
+        mask = y > 0
+        return np.maximum(y, 0, out=y), mask
+
+    def contiguous():
+        return zero_pad(passes(None)[0], (1, 1, 1, 1), scratch=True)
+
+    def bordered():
+        passes(inner)
+        return border
+    assert np.array_equal(contiguous(), bordered())
+    pad_only = lambda: zero_pad(x, (1, 1, 1, 1), scratch=True)  # noqa: E731
+    return {"contiguous + zero_pad copy (used)": round(best_ms(contiguous), 2),
+            "written into the padded interior": round(best_ms(bordered), 2),
+            "zero_pad copy alone": round(best_ms(pad_only), 2)}
 
 
 def main(argv=None):
@@ -174,6 +224,10 @@ def main(argv=None):
         print(f"N={s['N']} {s['H']}x{s['W']} {s['C_in']}->{s['C_out']}: forward "
               + ", ".join(f"{k} {v:.1f} ms" for k, v in r["forward_ms"].items())
               + "; kernel grad " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["kernel_grad_ms"].items()))
+        for key, label in (("input_grad_ms", "input grad"),
+                           ("bn_relu_into_conv_input_ms", "BN+ReLU into the next conv's input")):
+            if key in r:
+                print(f"    {label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r[key].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"numpy": np.__version__, "rows": rows}, f, indent=1)

@@ -12,13 +12,17 @@ conv_forms = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(conv_forms)
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (3, 6, 4, 2)])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (3, 6, 4, 2), (2, 4, 3, 3)])
 def test_every_timed_form_is_the_same_convolution(shape, monkeypatch):
     monkeypatch.setattr(conv_forms, "best_ms", lambda f, repeats=7: 0.0)  # no timing here
     row = conv_forms.measure(shape)
     assert set(row["forward_ms"]) == {"im2col (9 slices)", "im2col (strided view)",
                                       "implicit GEMM", "Winograd F(2x2,3x3)"}
     assert max(row["forward_max_rel_err"].values()) < 1e-5
+    # measure() asserts that implicit GEMM's input gradient is Conv's (square shapes only)
+    # and that BN+ReLU written into the padded buffer is the padded contiguous result
+    assert ("input_grad_ms" in row) == (shape[2] == shape[3])
+    assert len(row["bn_relu_into_conv_input_ms"]) == 3
 
 
 def test_winograd_is_exact_in_float64():
