@@ -51,6 +51,33 @@ def test_fast_conv_matches_loop_conv(stride, size):
     np.testing.assert_allclose(layer.grads["kernel"], dk_loop, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cin,cout,stride", [(4, 4, 1), (4, 4, 2), (3, 5, 2), (3, 5, 1)])
+def test_conv_backward_reuses_the_cols_buffer_when_it_is_large_enough(cin, cout, stride,
+                                                                       monkeypatch):
+    """The input gradient's im2col matrix goes into the forward's cols buffer (free once
+    the kernel gradient has read it) when that is large enough: no cols-sized workspace
+    then; the results stay those of the loop convolution, step after step."""
+    import minisam.nn.conv as conv_mod
+    asked = []
+    real = conv_mod.workspace
+    monkeypatch.setattr(conv_mod, "workspace", lambda shape, like: asked.append(shape) or
+                        real(shape, like))
+    rng = np.random.default_rng(2)
+    layer = Conv(cin, cout, 3, stride, rng)
+    k = layer.params["kernel"] = layer.params["kernel"].astype(np.float64)
+    for _ in range(2):
+        x = rng.standard_normal((2, 6, 6, cin))
+        y = layer.forward(x)
+        dy = rng.standard_normal(y.shape)
+        asked.clear()
+        dx = layer.backward(dy)
+        dx_loop, dk_loop = conv2d_loop_backward(x, k, dy, stride)
+        np.testing.assert_allclose(dx, dx_loop, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(layer.grads["kernel"], dk_loop, rtol=1e-12, atol=1e-12)
+        big = [s for s in asked if int(np.prod(s)) >= y.shape[0] * y.shape[1] * y.shape[2] * 9 * cin]
+        assert (big == []) == (stride == 2 or cin >= cout), asked
+
+
 @pytest.mark.parametrize("stride,size,k", [(1, 6, 3), (2, 6, 3), (2, 7, 3), (3, 8, 3), (1, 5, 1)])
 def test_strided_im2col_is_the_slice_copy(stride, size, k):
     """The fast im2col (one copy of a strided view) gives the slice-by-slice matrix exactly."""

@@ -187,12 +187,24 @@ class Conv(Layer):
         self.cols = None  # the buffer stays for the next step; the reference goes
         if self.stride == 1:
             return self._input_grad_as_conv(dy)
-        dcols = workspace((n * oh * ow, kh * kw * cin), dy)
+        dcols = self._scratch((n * oh * ow, kh * kw * cin), dy)
         get_xp(dy).matmul(dy2, k.reshape(-1, cout).T, out=dcols)
         dxpad = col2im(dcols.reshape(n, oh, ow, kh, kw, cin), self.xpad_shape, self.stride)
         top, _, left, _ = self.pads
         h, w = self.x_shape[1:3]
         return dxpad[:, top:top + h, left:left + w, :]
+
+    def _scratch(self, shape, like):
+        """Room for the backward's second im2col-sized matrix. Once the kernel gradient has
+        read the forward's cols, their buffer is free until the next forward, so it serves
+        when it is large enough (every conv whose input and output widths match: no second
+        cols-sized buffer per layer shape, which on a GPU is the largest memory there is);
+        otherwise the thread's workspace."""
+        buf, size = self._buffers.get("cols"), math.prod(shape)
+        if (buf is not None and buf.size >= size and buf.dtype == like.dtype
+                and get_xp(buf) is get_xp(like)):
+            return buf.reshape(-1)[:size].reshape(shape)
+        return workspace(shape, like)
 
     def _input_grad_as_conv(self, dy):
         """Stride 1: dx is dy convolved with the kernel flipped in space and transposed in
@@ -206,5 +218,5 @@ class Conv(Layer):
         dypad = zero_pad(dy, (kh - 1 - top, kh - 1 - bottom, kw - 1 - left, kw - 1 - right),
                          scratch=True)
         flipped = k[::-1, ::-1].transpose(0, 1, 3, 2).reshape(-1, cin)
-        cols = im2col_strided(dypad, kh, kw, 1, h, w, workspace((n, h, w, kh, kw, cout), dy))
+        cols = im2col_strided(dypad, kh, kw, 1, h, w, self._scratch((n, h, w, kh, kw, cout), dy))
         return (cols.reshape(-1, kh * kw * cout) @ flipped).reshape(n, h, w, cin)
