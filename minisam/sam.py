@@ -91,7 +91,7 @@ def loss_and_grad(model, params, images, onehot, cfg: SAMConfig):
     model.set_params(params)
     logits = model.forward(images, train=True)
     ce, dlogits = softmax_cross_entropy(logits, onehot, cfg.label_smoothing)
-    model.backward(dlogits)
+    model.backward(dlogits, input_grad=False)   # no gradient for the images, as in JAX
     grads = like_tree(model.get_grads(), params)  # one buffer, as params are (tree.FlatTree)
     if cfg.weight_decay_in != "loss":        # weight decay is the optimizer's (see SAMConfig)
         return ce, ce, logits, grads

@@ -120,3 +120,21 @@ def test_bn_relu_backward_gives_the_bits_of_the_separate_layers(monkeypatch, bat
     assert fast[1].keys() == plain[1].keys()
     for k in plain[1]:
         np.testing.assert_array_equal(fast[1][k], plain[1][k], err_msg=k)
+
+
+def test_backward_without_the_input_gradient_gives_the_same_parameter_gradients():
+    """Training asks for no dL/dimages (sam.loss_and_grad): the first conv then skips its
+    input gradient, and every parameter gradient keeps its bits."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 8, 8, 3)).astype(np.float32)
+    y = one_hot(np.array([0, 2, 1]), 3)
+    grads = []
+    for input_grad in (True, False):
+        model = WideResnet(1, 1, num_outputs=3, seed=5)
+        dlogits = softmax_cross_entropy(model.forward(x, train=True), y)[1]
+        dx = model.backward(dlogits, input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        grads.append(model.get_grads())
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        np.testing.assert_array_equal(grads[0][k], grads[1][k], err_msg=k)

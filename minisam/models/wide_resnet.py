@@ -160,13 +160,15 @@ class WideResnet(Layer):
         x = c["relu"].forward(c["pre-pool-bn"].forward(x, train))
         return c["Dense_3"].forward(c["pool"].forward(x), train)
 
-    def backward(self, dlogits):
+    def backward(self, dlogits, input_grad=True):
+        """Gradients into every layer's ``grads``; returns dL/dimages, or None with
+        ``input_grad=False`` (training needs none: ``sam.loss_and_grad``)."""
         c = self.children
         d = c["pool"].backward(c["Dense_3"].backward(dlogits))
         d = bn_relu_backward(c["pre-pool-bn"], c["relu"], d)
         for g in reversed(range(3)):
             d = c[f"WideResnetGroup_{g}"].backward(d)
-        return c["init_conv"].backward(d)
+        return c["init_conv"].backward(d, input_grad)
 
 
 WRN_PRESETS = {"wrn16_4": (2, 4), "wrn16_8": (2, 8), "wrn28_10": (4, 10)}

@@ -178,13 +178,17 @@ class Conv(Layer):
         y = self.cols @ k.reshape(-1, cout)
         return y.reshape(x.shape[0], oh, ow, cout)
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
+        """dL/dx, and dL/dkernel into ``grads``. ``input_grad=False`` skips dL/dx (returns
+        None): the network's first conv, whose input is the images, as autodiff does."""
         k = self.params["kernel"]
         kh, kw, cin, cout = k.shape
         n, oh, ow, _ = dy.shape
         dy2 = dy.reshape(-1, cout)
         self.grads["kernel"] = (self.cols.T @ dy2).reshape(k.shape)
         self.cols = None  # the buffer stays for the next step; the reference goes
+        if not input_grad:
+            return None
         if self.stride == 1:
             return self._input_grad_as_conv(dy)
         dcols = self._scratch((n * oh * ow, kh * kw * cin), dy)
