@@ -62,6 +62,22 @@ def test_layer_cupy_matches_numpy(name):
             _close(a, b)
 
 
+def test_conv_on_the_gpu_rebuilds_its_cols_by_default():
+    """On CuPy a Conv keeps only its input between forward and backward (nn.conv.KEEP_COLS:
+    the kept im2col matrices would be most of the GPU's memory), with NumPy's values."""
+    from minisam.nn import Conv
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
+    cpu, gpu = _both(lambda: Conv(4, 4, 3, 1, np.random.default_rng(1)), x)
+    for a, b in zip(cpu[:3], gpu[:3]):
+        for k in (a if isinstance(a, dict) else {"": a}):
+            _close(a[k] if k else a, b[k] if k else b)
+    layer = Conv(4, 4, 3, 1, np.random.default_rng(1))
+    layer.params = {k: to_device(v, "gpu") for k, v in layer.params.items()}
+    layer.forward(to_device(x, "gpu"))
+    assert layer.cols is None and layer.x is not None and "cols" not in layer._buffers
+
+
 @pytest.mark.parametrize("case", ["wrn10x2_single", "wrn10x2_two_replicas",
                                   "wrn10x2_label_smoothing", "davda54_sam", "davda54_asam"])
 def test_reference_case_on_gpu(case):

@@ -418,7 +418,8 @@ def test_train_check_resume_and_metrics(tmp_path, capsys):
 def test_diag_summary_from_a_written_diag_json(tmp_path, capsys):
     diag = load("diag")
     d = {"step_split": {"wrn28_10/sam": {"gpu_ms": 12.5, "host_ms": 3.0},
-                        "wrn28_10/sam_peak_live_MiB": 777.0},
+                        "wrn28_10/sam_peak_live_MiB": 777.0,
+                        "wrn28_10/sam_keep_cols": {"gpu_ms": 11.0, "peak_live_MiB": 1500.0}},
          "bn_reduction": [{"shape": [128, 32, 32, 160], "op": "x.mean(axis=(0,1,2))",
                            "ms": 0.5, "GB_per_s": 100.0},
                           {"shape": [128, 8, 8, 640], "op": "x.mean(axis=(0,1,2))",
@@ -431,6 +432,7 @@ def test_diag_summary_from_a_written_diag_json(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "DIAG wrn28_10/sam: GPU 12.5 ms, host 3.0 ms per step" in lines
     assert "DIAG wrn28_10/sam_peak_live_MiB: 777.0" in lines
+    assert "DIAG wrn28_10/sam with keep_cols=True: GPU 11.0 ms, peak live 1500.0 MiB" in lines
     assert sum(l.startswith("DIAG BN stat") for l in lines) == 1        # the 160-channel one
     assert "DIAG conv gemm_fp32: 2.0 ms, 30.0 TFLOP/s" in lines
     assert "DIAG CUDA graph capture failed: RuntimeError: capture failed" in lines

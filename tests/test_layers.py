@@ -63,7 +63,7 @@ def test_conv_backward_reuses_the_cols_buffer_when_it_is_large_enough(cin, cout,
     monkeypatch.setattr(conv_mod, "workspace", lambda shape, like: asked.append(shape) or
                         real(shape, like))
     rng = np.random.default_rng(2)
-    layer = Conv(cin, cout, 3, stride, rng)
+    layer = Conv(cin, cout, 3, stride, rng, keep_cols=True)
     k = layer.params["kernel"] = layer.params["kernel"].astype(np.float64)
     for _ in range(2):
         x = rng.standard_normal((2, 6, 6, cin))
@@ -76,6 +76,25 @@ def test_conv_backward_reuses_the_cols_buffer_when_it_is_large_enough(cin, cout,
         np.testing.assert_allclose(layer.grads["kernel"], dk_loop, rtol=1e-12, atol=1e-12)
         big = [s for s in asked if int(np.prod(s)) >= y.shape[0] * y.shape[1] * y.shape[2] * 9 * cin]
         assert (big == []) == (stride == 2 or cin >= cout), asked
+
+
+@pytest.mark.parametrize("cin,cout,stride", [(4, 4, 1), (4, 4, 2), (3, 5, 1), (5, 3, 2)])
+def test_conv_rebuilding_cols_in_backward_gives_the_bits_of_keeping_them(cin, cout, stride):
+    """keep_cols=False keeps only the input and builds the im2col matrix again for dW:
+    the same output, kernel gradient and input gradient, bit for bit, step after step,
+    with no per-layer cols buffer."""
+    rng = np.random.default_rng(6)
+    kept, rebuilt = (Conv(cin, cout, 3, stride, np.random.default_rng(1), keep_cols=keep)
+                     for keep in (True, False))
+    for _ in range(2):
+        x = rng.standard_normal((2, 7, 7, cin)).astype(np.float32)
+        y_ref = kept.forward(x)
+        y = rebuilt.forward(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(rebuilt.backward(dy), kept.backward(dy))
+        np.testing.assert_array_equal(rebuilt.grads["kernel"], kept.grads["kernel"])
+    assert "cols" in kept._buffers and "cols" not in rebuilt._buffers
 
 
 @pytest.mark.parametrize("stride,size,k", [(1, 6, 3), (2, 6, 3), (2, 7, 3), (3, 8, 3), (1, 5, 1)])

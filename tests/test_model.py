@@ -138,3 +138,26 @@ def test_backward_without_the_input_gradient_gives_the_same_parameter_gradients(
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         np.testing.assert_array_equal(grads[0][k], grads[1][k], err_msg=k)
+
+
+def test_a_wide_resnet_that_rebuilds_its_cols_gives_the_same_bits():
+    """Every conv with keep_cols=False (the GPU's default: nn.conv.KEEP_COLS) against
+    every conv keeping them, through a full forward and backward of a WRN with strides
+    and channel changes."""
+    from minisam.nn import Conv
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 8, 8, 3)).astype(np.float32)
+    y = one_hot(np.array([0, 2, 1]), 3)
+    out = []
+    for keep in (True, False):
+        model = WideResnet(1, 2, num_outputs=3, seed=6)
+        for _, layer in model.named_layers():
+            if isinstance(layer, Conv):
+                layer.keep_cols = keep
+        logits = model.forward(x, train=True)
+        dx = model.backward(softmax_cross_entropy(logits, y)[1])
+        out.append((logits, dx, model.get_grads()))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    for k in out[0][2]:
+        np.testing.assert_array_equal(out[0][2][k], out[1][2][k], err_msg=k)

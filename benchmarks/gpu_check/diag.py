@@ -201,9 +201,13 @@ def bn_fused():
 
 def step_split():
     """Host (Python + launch) time vs GPU time of one train_step, SGD and SAM, batch 128, and
-    the peak of live bytes in CuPy's pool during one SAM step (minisam.bench's MemoryHook)."""
+    the peak of live bytes in CuPy's pool during one SAM step (minisam.bench's MemoryHook);
+    then the SAM step again with every conv keeping its im2col matrix (``keep_cols``; the
+    GPU default rebuilds it in the backward, ``nn.conv.KEEP_COLS``): time and memory of
+    both, to choose the default from."""
     from cupyx.profiler import benchmark
     from minisam.bench import peak_live_hook
+    from minisam.nn import Conv
     from minisam.sam import SAMConfig, train_step
     out = {}
     pool = cp.get_default_memory_pool()
@@ -230,6 +234,18 @@ def step_split():
         print(f"  {name}: peak live {hook.peak / 2**20:9.0f} MiB during a SAM step; "
               f"{before / 2**20:9.0f} MiB live between steps (params, im2col buffers, ...); "
               f"pool holds {pool.total_bytes() / 2**20:9.0f} MiB", flush=True)
+        for layer in (lay for _, lay in net.named_layers() if isinstance(lay, Conv)):
+            layer.keep_cols = True
+        cfg = SAMConfig(rho=0.05, gradient_clipping=0.0)
+        r = benchmark(train_step, (net, p, s, mo, x, y, 0.1, cfg), n_repeat=3, n_warmup=1)
+        with peak_live_hook(cp) as hook:
+            train_step(net, p, s, mo, x, y, 0.1, cfg)
+            sync()
+        kept = {"gpu_ms": round(float(np.median(r.gpu_times)) * 1e3, 2),
+                "peak_live_MiB": round(hook.peak / 2**20, 1)}
+        out[f"{name}/sam_keep_cols"] = kept
+        say(f"{name} SAM step keeping every conv's im2col matrix (keep_cols=True)",
+            kept["gpu_ms"], f"peak live {kept['peak_live_MiB']:9.0f} MiB")
         del net, p, s, mo, x, y
         pool.free_all_blocks()
     return out
@@ -337,6 +353,10 @@ def summary_lines(d: dict) -> list:
               "wrn28_10/pool_total_MiB"):
         if split.get(k) is not None:
             lines.append(f"DIAG {k}: {split[k]}")
+    kept = split.get("wrn28_10/sam_keep_cols")
+    if isinstance(kept, dict):
+        lines.append(f"DIAG wrn28_10/sam with keep_cols=True: GPU {kept.get('gpu_ms')} ms, "
+                     f"peak live {kept.get('peak_live_MiB')} MiB")
     rows = d.get("bn_reduction")
     if isinstance(rows, list):
         for r in rows:

@@ -155,14 +155,28 @@ def variance_scaling_fan_out(rng, shape, scale=2.0):
     return (z * std).astype(DTYPE)
 
 
-class Conv(Layer):
-    """``flax.nn.Conv(features, (k, k), strides, padding='SAME', bias=False)`` by im2col + GEMM."""
+# Where the im2col matrix waits between forward and backward, per array module. True:
+# in the layer's own buffer (nine activations' worth per conv, all alive at the end of the
+# forward; the backward reuses it). False: only the input is kept, and the backward builds
+# the matrix again in a buffer every layer of that shape shares (one more copy per conv,
+# a fraction of the memory). Measured on the CPU (benchmarks/README.md): keeping is faster.
+# On a GPU, the kept matrices are most of the memory (about 9 GiB, WRN-28-10 at batch 128).
+KEEP_COLS = {"numpy": True, "cupy": False}
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, rng=None):
+
+class Conv(Layer):
+    """``flax.nn.Conv(features, (k, k), strides, padding='SAME', bias=False)`` by im2col + GEMM.
+
+    ``keep_cols``: keep the im2col matrix from forward to backward (True), or rebuild it
+    in the backward from the kept input (False); None: ``KEEP_COLS`` of the array module.
+    Either way the same bits."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, rng=None,
+                 keep_cols=None):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
-        self.stride = stride
-        self._buffers = {}
+        self.stride, self.keep_cols = stride, keep_cols
+        self._buffers, self.cols, self.x = {}, None, None
         self.params["kernel"] = variance_scaling_fan_out(
             rng, (kernel_size, kernel_size, in_channels, out_channels))
 
@@ -172,11 +186,23 @@ class Conv(Layer):
         kh, kw, cin, cout = k.shape
         xpad, self.pads, oh, ow = _pad_same(x, kh, kw, self.stride, scratch=True)
         self.x_shape, self.xpad_shape = x.shape, xpad.shape
-        cols = reusable_buffer(self._buffers, "cols", (x.shape[0], oh, ow, kh, kw, cin), x)
-        self.cols = im2col_strided(xpad, kh, kw, self.stride, oh, ow, cols).reshape(
-            -1, kh * kw * cin)
-        y = self.cols @ k.reshape(-1, cout)
+        keep = self.keep_cols
+        if keep is None:
+            keep = KEEP_COLS.get(get_xp(x).__name__, True)
+        shape = (x.shape[0], oh, ow, kh, kw, cin)
+        cols = reusable_buffer(self._buffers, "cols", shape, x) if keep else workspace(shape, x)
+        cols = im2col_strided(xpad, kh, kw, self.stride, oh, ow, cols).reshape(-1, kh * kw * cin)
+        self.cols, self.x = (cols, None) if keep else (None, x)
+        y = cols @ k.reshape(-1, cout)
         return y.reshape(x.shape[0], oh, ow, cout)
+
+    def _rebuilt_cols(self, oh, ow):
+        """The forward's im2col matrix again, from the kept input (``keep_cols`` False)."""
+        kh, kw, cin, _ = self.params["kernel"].shape
+        n = self.x_shape[0]
+        xpad = zero_pad(self.x, self.pads, scratch=True)
+        cols = workspace((n, oh, ow, kh, kw, cin), self.x)
+        return im2col_strided(xpad, kh, kw, self.stride, oh, ow, cols).reshape(-1, kh * kw * cin)
 
     def backward(self, dy, input_grad=True):
         """dL/dx, and dL/dkernel into ``grads``. ``input_grad=False`` skips dL/dx (returns
@@ -185,13 +211,14 @@ class Conv(Layer):
         kh, kw, cin, cout = k.shape
         n, oh, ow, _ = dy.shape
         dy2 = dy.reshape(-1, cout)
-        self.grads["kernel"] = (self.cols.T @ dy2).reshape(k.shape)
-        self.cols = None  # the buffer stays for the next step; the reference goes
+        cols = self.cols if self.x is None else self._rebuilt_cols(oh, ow)
+        self.grads["kernel"] = (cols.T @ dy2).reshape(k.shape)
+        self.cols = self.x = cols = None  # the buffers stay for the next step; the references go
         if not input_grad:
             return None
         if self.stride == 1:
             return self._input_grad_as_conv(dy)
-        dcols = self._scratch((n * oh * ow, kh * kw * cin), dy)
+        dcols = self._scratch((n, oh, ow, kh, kw, cin), dy).reshape(n * oh * ow, -1)
         get_xp(dy).matmul(dy2, k.reshape(-1, cout).T, out=dcols)
         dxpad = col2im(dcols.reshape(n, oh, ow, kh, kw, cin), self.xpad_shape, self.stride)
         top, _, left, _ = self.pads
