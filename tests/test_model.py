@@ -97,6 +97,24 @@ def test_the_bn_free_wide_resnet_has_no_bn_parameters_or_state():
     assert without.forward(x).shape == (2, 10)
 
 
+def _pass(model, x, y, **backward_kw):
+    """One train-mode forward and backward: (logits, dL/dx, the parameter gradients)."""
+    logits = model.forward(x, train=True)
+    dx = model.backward(softmax_cross_entropy(logits, y)[1], **backward_kw)
+    return logits, dx, model.get_grads()
+
+
+def _assert_same_bits(a, b):
+    """Two _pass results equal bit for bit (a None dx only against a None dx)."""
+    for got, want in zip(a[:2], b[:2]):
+        assert (got is None) == (want is None)
+        if got is not None:
+            np.testing.assert_array_equal(got, want)
+    assert a[2].keys() == b[2].keys()
+    for k in a[2]:
+        np.testing.assert_array_equal(a[2][k], b[2][k], err_msg=k)
+
+
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_bn_relu_backward_gives_the_bits_of_the_separate_layers(monkeypatch, batch_norm):
     """Each BatchNorm+ReLU pair's backward computes BN's dx in the ReLU's gradient
@@ -106,20 +124,10 @@ def test_bn_relu_backward_gives_the_bits_of_the_separate_layers(monkeypatch, bat
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
     y = one_hot(np.array([0, 1, 2, 1]), 3)
-
-    def run():
-        model = WideResnet(1, 2, num_outputs=3, seed=2, batch_norm=batch_norm)
-        logits = model.forward(x, train=True)
-        dx = model.backward(softmax_cross_entropy(logits, y)[1])
-        return dx, model.get_grads()
-
-    fast = run()
+    fast = _pass(WideResnet(1, 2, num_outputs=3, seed=2, batch_norm=batch_norm), x, y)
     monkeypatch.setattr(wrn, "bn_relu_backward", lambda bn, relu, d: bn.backward(relu.backward(d)))
-    plain = run()
-    np.testing.assert_array_equal(fast[0], plain[0])
-    assert fast[1].keys() == plain[1].keys()
-    for k in plain[1]:
-        np.testing.assert_array_equal(fast[1][k], plain[1][k], err_msg=k)
+    plain = _pass(WideResnet(1, 2, num_outputs=3, seed=2, batch_norm=batch_norm), x, y)
+    _assert_same_bits(fast, plain)
 
 
 def test_backward_without_the_input_gradient_gives_the_same_parameter_gradients():
@@ -128,16 +136,10 @@ def test_backward_without_the_input_gradient_gives_the_same_parameter_gradients(
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 8, 8, 3)).astype(np.float32)
     y = one_hot(np.array([0, 2, 1]), 3)
-    grads = []
-    for input_grad in (True, False):
-        model = WideResnet(1, 1, num_outputs=3, seed=5)
-        dlogits = softmax_cross_entropy(model.forward(x, train=True), y)[1]
-        dx = model.backward(dlogits, input_grad=input_grad)
-        assert (dx is None) == (not input_grad)
-        grads.append(model.get_grads())
-    assert grads[0].keys() == grads[1].keys()
-    for k in grads[0]:
-        np.testing.assert_array_equal(grads[0][k], grads[1][k], err_msg=k)
+    full = _pass(WideResnet(1, 1, num_outputs=3, seed=5), x, y, input_grad=True)
+    short = _pass(WideResnet(1, 1, num_outputs=3, seed=5), x, y, input_grad=False)
+    assert full[1] is not None and short[1] is None
+    _assert_same_bits(full[:1] + (None,) + full[2:], short)
 
 
 def test_a_wide_resnet_that_rebuilds_its_cols_gives_the_same_bits():
@@ -154,10 +156,5 @@ def test_a_wide_resnet_that_rebuilds_its_cols_gives_the_same_bits():
         for _, layer in model.named_layers():
             if isinstance(layer, Conv):
                 layer.keep_cols = keep
-        logits = model.forward(x, train=True)
-        dx = model.backward(softmax_cross_entropy(logits, y)[1])
-        out.append((logits, dx, model.get_grads()))
-    np.testing.assert_array_equal(out[0][0], out[1][0])
-    np.testing.assert_array_equal(out[0][1], out[1][1])
-    for k in out[0][2]:
-        np.testing.assert_array_equal(out[0][2][k], out[1][2][k], err_msg=k)
+        out.append(_pass(model, x, y))
+    _assert_same_bits(*out)
